@@ -1,0 +1,147 @@
+"""Tiny Wan2.1-architecture pipelines built in code, with seeded random weights.
+
+They are the embedded default model (until a trained demo model ships) and the fixtures of the
+test suite: every component is a real diffusers / transformers class, saved with
+``save_pretrained`` and loaded back through the same path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Words the tiny tokenizer knows; anything else maps to ``<unk>``.
+VOCAB_WORDS = (
+    "a an the of in on to into and with from by at as is are two one cell cells divides dividing "
+    "daughter mitosis dna replication fork helix blood red flowing flow vessel right left up down "
+    "particles particle diffusing diffusion brownian bacteria bacterium swimming toward source "
+    "chemotaxis vesicle vesicles moving along filament microtubule apoptosis shrinking blebbing "
+    "membrane nucleus organ heart beating tissue mitochondria protein fluorescence microscopy "
+    "brightfield green bright dark slow fast video of time-lapse process molecule molecules"
+).split()
+
+
+@dataclass
+class TinyWanConfig:
+    """Sizes of a tiny Wan-architecture pipeline."""
+
+    seed: int = 0
+    """Seed for every random weight, so the same config always gives the same model."""
+    vae_base_dim: int = 8
+    """Base channel count of the Wan VAE (real Wan2.1: 96)."""
+    z_dim: int = 4
+    """Latent channels (real Wan2.1: 16)."""
+    text_dim: int = 32
+    """Width of the UMT5 text encoder (real: 4096)."""
+    text_layers: int = 1
+    """Text encoder layers."""
+    num_layers: int = 2
+    """Transformer blocks (real 1.3B: 30)."""
+    num_attention_heads: int = 2
+    """Attention heads (real 1.3B: 12)."""
+    attention_head_dim: int = 16
+    """Head dimension (real: 128)."""
+    ffn_dim: int = 64
+    """Feed-forward width (real 1.3B: 8960)."""
+    freq_dim: int = 32
+    """Timestep embedding width (real: 256)."""
+    max_sequence_length: int = 32
+    """Tokenizer max length used by the pipeline for this model."""
+    flow_shift: float = 3.0
+    """Scheduler shift."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata written to ``microverse_tiny.json``."""
+
+
+def build_tokenizer(max_length: int = 32):
+    """A word-level tokenizer (``tokenizers``) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in VOCAB_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="removed")]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
+    """Build a ``WanPipeline`` with seeded random weights of the sizes in ``cfg``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = cfg or TinyWanConfig()
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKLWan(
+        base_dim=cfg.vae_base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * cfg.z_dim,
+        latents_std=[1.0] * cfg.z_dim,
+    )
+    torch.manual_seed(cfg.seed + 1)
+    tokenizer = build_tokenizer(cfg.max_sequence_length)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.text_dim,
+            d_kv=max(cfg.text_dim // 4, 4),
+            d_ff=cfg.text_dim * 2,
+            num_layers=cfg.text_layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(cfg.seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        in_channels=cfg.z_dim,
+        out_channels=cfg.z_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    return pipe
+
+
+def save_tiny_pipeline(path: str | Path, cfg: TinyWanConfig | None = None) -> Path:
+    """Build and ``save_pretrained`` a tiny pipeline into ``path``; returns the path."""
+    import json
+
+    cfg = cfg or TinyWanConfig()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tiny_pipeline(cfg).save_pretrained(path)
+    (path / "microverse_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+    logger.info("saved tiny Wan pipeline to %s", path)
+    return path
