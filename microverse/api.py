@@ -1,0 +1,144 @@
+"""HTTP routes: ``/generate``, ``/info``, ``/v1/videos*``; mounted into BentoML by ``service.py``.
+
+Handlers only translate HTTP to the runtime's objects; all of them share one submission path
+(validation -> durable job -> batch worker), so ``/generate`` and ``/v1/videos`` batch together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from .errors import APIError, install_handlers, validation_message
+from .jobs import Job
+from .openai_api import build_router
+from .runtime import Runtime
+from .schemas import GenerateRequest, GenerationSpec, InputError, resolve
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+MAX_BODY_BYTES = 64 * 1024
+UNPROTECTED = ("/livez", "/readyz", "/healthz")
+
+
+def get_runtime(request: Request, need_engine: bool = False) -> Runtime:
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        raise APIError(503, "the service is starting", None, "starting", {"Retry-After": "5"})
+    if need_engine and not rt.ready:
+        raise APIError(503, f"the model is not loaded: {rt.load_error}", None, "model_not_loaded")
+    return rt
+
+
+def owner_of(request: Request) -> str | None:
+    """A stable, non-secret id of the caller's API key (jobs are scoped to it), or None."""
+    auth = request.headers.get("authorization", "")
+    return hashlib.sha256(auth.encode()).hexdigest()[:16] if auth else None
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """JSON, multipart or urlencoded body -> ``model``; 400 naming the field on any problem."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        data = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                raise APIError(400, f"file uploads are not supported for '{key}'", key, "unsupported")
+            data[key] = value
+    else:
+        try:
+            data = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}", "body", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object", "body", "invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        param, message = validation_message(exc.errors()[0])
+        raise APIError(400, message, param, "invalid_value") from None
+
+
+def submit(rt: Runtime, spec: GenerationSpec, kind: str, owner: str | None) -> Job:
+    """Queue a validated request durably, or answer 429 when the queue is full."""
+    if rt.store.count() >= rt.settings.max_queue:
+        raise APIError(429, f"the queue is full ({rt.settings.max_queue} jobs); retry later",
+                       None, "queue_full", {"Retry-After": str(retry_after_s(rt))})
+    job = rt.store.create(spec, rt.engine.model.name, kind=kind, owner=owner)
+    rt.worker.notify()
+    return job
+
+
+def retry_after_s(rt: Runtime) -> int:
+    """A rough wait: the mean engine-call time x queued batches, at least 1 s."""
+    h = rt.metrics.generation_seconds
+    total, count = h._sum.get(), sum(b.get() for b in h._buckets)
+    per_call = total / count if count else 5.0
+    batches = rt.store.count() / max(1, rt.settings.max_batch_size)
+    return max(1, int(per_call * batches + 0.999))
+
+
+def create_app() -> FastAPI:
+    """The FastAPI app; ``app.state.runtime`` is set by whoever starts the service."""
+    app = FastAPI(title="MicroVerse", version="0.1.0",
+                  description="Text-to-video for micro-world simulation (Wan2.1 architecture).")
+    install_handlers(app)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        rt = getattr(request.app.state, "runtime", None)
+        key = rt.settings.api_key if rt is not None else None
+        if key is not None and not request.url.path.startswith(UNPROTECTED):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {key.get_secret_value()}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                from .errors import error_response
+
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.post("/generate", response_class=Response,
+              responses={200: {"content": {"video/mp4": {}}, "description": "The video (H.264 mp4)."}})
+    async def generate(request: Request):
+        """Generate one video synchronously; returns ``video/mp4`` with X-Seed and timing headers."""
+        rt = get_runtime(request, need_engine=True)
+        req = await parse_body(request, GenerateRequest)
+        try:
+            spec = resolve(req, rt.engine.model.defaults, rt.limits)
+        except InputError as exc:
+            raise APIError(400, exc.message, exc.param, "invalid_value") from exc
+        job = submit(rt, spec, "sync", owner_of(request))
+        await rt.worker.wait_future(job.id)
+        done = rt.store.get(job.id)
+        if done is None:
+            raise APIError(409, "the job was cancelled", None, "cancelled")
+        if done.status != "completed":
+            raise APIError(500 if done.error_code != "storage_error" else 507,
+                           f"generation failed: {done.error_message}", None, done.error_code)
+        t = done.timings
+        headers = {"X-Seed": str(spec.seed), "X-Job-Id": done.id,
+                   "X-Batch-Size": str(t.get("batch_size", 1)),
+                   "Server-Timing": ", ".join(f"{k.removesuffix('_s')};dur={v * 1000:.1f}"
+                                              for k, v in t.items() if k.endswith("_s"))}
+        return Response(rt.store.video_path(done.id).read_bytes(), media_type="video/mp4", headers=headers)
+
+    @app.get("/info")
+    async def info(request: Request):
+        """Model source, architecture, dtype, device, attention backend, quantization, versions."""
+        return get_runtime(request).info()
+
+    app.include_router(build_router(get_runtime, parse_body, submit, owner_of), prefix="/v1")
+    return app

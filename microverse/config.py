@@ -1,0 +1,110 @@
+"""Service settings: one typed object read from ``MICROVERSE_*`` environment variables.
+
+Every field is also a ``microverse serve`` flag (``--max-batch-size 8`` sets
+``MICROVERSE_MAX_BATCH_SIZE=8``), so the CLI and the environment never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+AttentionBackend = Literal["auto", "native", "cudnn", "flash", "flash3", "sage", "xformers"]
+Quantization = Literal["none", "int8wo", "fp8"]
+Offload = Literal["none", "model", "sequential"]
+
+
+def default_cache_dir() -> Path:
+    """``$MICROVERSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/microverse``, else ``~/.cache/microverse``."""
+    if os.environ.get("MICROVERSE_CACHE_DIR"):
+        return Path(os.environ["MICROVERSE_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "microverse"
+
+
+class Settings(BaseSettings):
+    """Everything the service, the engine and the CLI can be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MICROVERSE_", extra="ignore", validate_default=True, use_attribute_docstrings=True
+    )
+
+    model: str | None = None
+    """Base checkpoint: a diffusers-format folder or a Hugging Face id. Empty: the embedded default."""
+    lora: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """LoRA files or folders (comma-separated in the environment): diffusers/PEFT or upstream MicroVerse format."""
+    lora_scale: float = 1.0
+    """Strength applied to every LoRA."""
+    transformer: str | None = None
+    """Full fine-tuned DiT replacing the base one: a diffusers transformer folder or one safetensors file in original Wan keys."""
+    model_name: str | None = None
+    """Name reported in ``/info`` and in OpenAI ``model`` fields; defaults to the source's name."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to run: ``auto`` picks CUDA when available."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Transformer and text-encoder dtype; ``auto`` is bfloat16 on CUDA, float32 on CPU."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention kernel; ``auto`` picks the fastest available and logs why. An unavailable explicit choice fails at start."""
+    quantization: Quantization = "none"
+    """torchao weight quantization of the transformer through diffusers' ``TorchAoConfig``."""
+    compile: bool = False
+    """Regional ``torch.compile`` of the transformer blocks."""
+    offload: Offload = "none"
+    """CPU offload: ``model`` (whole components) or ``sequential`` (layer by layer, least memory)."""
+    vae_tiling: bool = False
+    """Decode the VAE in tiles to bound memory at large sizes."""
+    max_batch_size: int = Field(4, ge=1, le=64)
+    """Most requests run together in one engine call."""
+    max_batch_wait_ms: int = Field(100, ge=0, le=60_000)
+    """How long the batcher waits for compatible requests to join a batch."""
+    max_pixels: int = Field(480 * 832, ge=256)
+    """Largest height x width accepted."""
+    max_frames: int = Field(81, ge=1)
+    """Largest num_frames accepted."""
+    max_steps: int = Field(100, ge=1)
+    """Largest num_inference_steps accepted."""
+    max_queue: int = Field(64, ge=1)
+    """Most jobs waiting or running; beyond it new requests get 429 with Retry-After."""
+    storage_dir: Path = Field(default_factory=lambda: default_cache_dir() / "storage")
+    """Where the job database and finished videos live."""
+    job_retention_hours: float = Field(24.0, gt=0)
+    """Finished jobs and their files are deleted this long after completion."""
+    max_attempts: int = Field(2, ge=1)
+    """Times a job is started before an interruption (crash) marks it failed."""
+    api_key: SecretStr | None = None
+    """If set, every route but health needs ``Authorization: Bearer <key>``."""
+    embedded_dir: Path = Field(default_factory=lambda: default_cache_dir() / "models")
+    """Cache folder the embedded default model is saved into on first use."""
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _split_lora(cls, v):
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v or []
+
+    @field_validator("model", "transformer", "model_name", "api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def to_env(self) -> dict[str, str]:
+        """The ``MICROVERSE_*`` variables that reproduce these settings in another process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"MICROVERSE_{name.upper()}"] = str(value)
+        if self.api_key is not None:
+            env["MICROVERSE_API_KEY"] = self.api_key.get_secret_value()
+        return env

@@ -1,0 +1,67 @@
+"""One error shape for every route: OpenAI's ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An error answered with ``status`` in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_name(loc: tuple) -> str:
+    """``("body", "height")`` -> ``height``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "form")]
+    return ".".join(parts) or "body"
+
+
+def validation_message(err: dict) -> tuple[str, str]:
+    name = field_name(tuple(err.get("loc", ())))
+    if err.get("type") == "extra_forbidden":
+        return name, f"unknown field '{name}'"
+    if err.get("type") == "missing":
+        return name, f"'{name}' is required"
+    return name, f"{name}: {err.get('msg', 'invalid value')}"
+
+
+def install_handlers(app) -> None:
+    """Map every exception to the error shape; never leak a traceback."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        param, message = validation_message(exc.errors()[0])
+        return error_response(400, message, param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), None, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        import logging
+
+        logging.getLogger(__name__).exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error; see the server log", None, "internal_error")

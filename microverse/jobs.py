@@ -1,0 +1,263 @@
+"""Durable job store: SQLite (WAL, synchronous=FULL) plus finished videos as files on disk.
+
+A job is committed before the request that created it is answered. After a crash, :meth:`JobStore.recover`
+puts interrupted jobs back in the queue (or fails them, with the reason, once they have used up their
+attempts), so no job is ever lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .schemas import GenerationSpec
+
+logger = logging.getLogger(__name__)
+
+JOB_ID_RE = re.compile(r"^video_[0-9a-f]{32}$")
+ACTIVE = ("queued", "in_progress")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress INTEGER NOT NULL DEFAULT 0,
+    spec TEXT NOT NULL,
+    batch_key TEXT NOT NULL,
+    model TEXT NOT NULL,
+    owner TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    expires_at REAL,
+    error_code TEXT,
+    error_message TEXT,
+    timings TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
+"""
+
+
+@dataclass
+class Job:
+    """One generation job as stored."""
+
+    id: str
+    kind: str
+    status: str
+    progress: int
+    spec: GenerationSpec
+    model: str
+    owner: str | None
+    attempts: int
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    expires_at: float | None
+    error_code: str | None
+    error_message: str | None
+    timings: dict
+
+
+class JobStore:
+    """Thread-safe job table and the per-job file layout under ``root``."""
+
+    def __init__(self, root: Path, retention_s: float, max_attempts: int = 2):
+        self.root = Path(root)
+        self.videos_dir = self.root / "videos"
+        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self.retention_s = retention_s
+        self.max_attempts = max_attempts
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    # -- files -------------------------------------------------------------------------------
+    def video_path(self, job_id: str) -> Path:
+        """Where a job's mp4 lives (ids are validated, never free text)."""
+        if not JOB_ID_RE.match(job_id):
+            raise ValueError(f"invalid job id {job_id!r}")
+        return self.videos_dir / f"{job_id}.mp4"
+
+    def thumb_path(self, job_id: str) -> Path:
+        return self.video_path(job_id).with_suffix(".webp")
+
+    def _delete_files(self, job_id: str) -> None:
+        for p in (self.video_path(job_id), self.thumb_path(job_id)):
+            p.unlink(missing_ok=True)
+            p.with_suffix(p.suffix + ".part").unlink(missing_ok=True)
+
+    # -- rows --------------------------------------------------------------------------------
+    def _row_to_job(self, row: sqlite3.Row) -> Job | None:
+        try:
+            spec = GenerationSpec(**json.loads(row["spec"]))
+            timings = json.loads(row["timings"]) if row["timings"] else {}
+        except (TypeError, ValueError) as exc:
+            logger.error("job %s has a corrupted record (%s); marking it failed", row["id"], exc)
+            self._execute(
+                "UPDATE jobs SET status='failed', error_code='corrupted_record', error_message=?, "
+                "spec='{}', completed_at=? WHERE id=?",
+                (f"the stored job record could not be read: {exc}", time.time(), row["id"]),
+            )
+            return None
+        return Job(
+            id=row["id"], kind=row["kind"], status=row["status"], progress=row["progress"], spec=spec,
+            model=row["model"], owner=row["owner"], attempts=row["attempts"], created_at=row["created_at"],
+            started_at=row["started_at"], completed_at=row["completed_at"], expires_at=row["expires_at"],
+            error_code=row["error_code"], error_message=row["error_message"], timings=timings,
+        )
+
+    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def create(self, spec: GenerationSpec, model: str, kind: str = "api", owner: str | None = None) -> Job:
+        """Insert a queued job; it is durable when this returns."""
+        job_id = f"video_{uuid.uuid4().hex}"
+        now = time.time()
+        self._execute(
+            "INSERT INTO jobs (id, kind, status, spec, batch_key, model, owner, created_at) "
+            "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+            (job_id, kind, json.dumps(asdict(spec)), json.dumps(spec.batch_key), model, owner, now),
+        )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        if not JOB_ID_RE.match(job_id):
+            return None
+        row = self._execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._row_to_job(row) if row else None
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc",
+             owner: str | None = None) -> list[Job]:
+        """Jobs by creation time; ``after`` is the id of the last job of the previous page."""
+        op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
+        where, params = ["kind='api'"], []
+        if owner is not None:
+            where.append("owner=?")
+            params.append(owner)
+        if after:
+            ref = self._execute("SELECT created_at, id FROM jobs WHERE id=?", (after,)).fetchone()
+            if ref is None:
+                raise KeyError(after)
+            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
+            params += [ref["created_at"], ref["created_at"], ref["id"]]
+        rows = self._execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at {direction}, id {direction} LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [j for j in (self._row_to_job(r) for r in rows) if j is not None]
+
+    def count(self, statuses: tuple[str, ...] = ACTIVE) -> int:
+        marks = ",".join("?" * len(statuses))
+        return self._execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+    def oldest_queued(self) -> Job | None:
+        while True:
+            row = self._execute("SELECT * FROM jobs WHERE status='queued' ORDER BY created_at, id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            job = self._row_to_job(row)
+            if job is not None:
+                return job
+
+    def count_compatible(self, batch_key: tuple) -> int:
+        return self._execute("SELECT COUNT(*) FROM jobs WHERE status='queued' AND batch_key=?",
+                             (json.dumps(batch_key),)).fetchone()[0]
+
+    def claim_batch(self, batch_key: tuple, max_size: int) -> list[Job]:
+        """Atomically move up to ``max_size`` oldest compatible queued jobs to in_progress."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [r[0] for r in self._db.execute(
+                    "SELECT id FROM jobs WHERE status='queued' AND batch_key=? ORDER BY created_at, id LIMIT ?",
+                    (json.dumps(batch_key), max_size)).fetchall()]
+                now = time.time()
+                for job_id in ids:
+                    self._db.execute(
+                        "UPDATE jobs SET status='in_progress', attempts=attempts+1, started_at=?, progress=0 WHERE id=?",
+                        (now, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [j for j in (self.get(i) for i in ids) if j is not None]
+
+    def set_progress(self, ids: list[str], progress: int) -> None:
+        marks = ",".join("?" * len(ids))
+        self._execute(f"UPDATE jobs SET progress=? WHERE status='in_progress' AND id IN ({marks})", (progress, *ids))
+
+    def complete(self, job_id: str, timings: dict) -> bool:
+        """Mark completed (the files must already be in place); False if the job was deleted meanwhile."""
+        now = time.time()
+        cur = self._execute(
+            "UPDATE jobs SET status='completed', progress=100, completed_at=?, expires_at=?, timings=? "
+            "WHERE id=? AND status='in_progress'",
+            (now, now + self.retention_s, json.dumps(timings), job_id))
+        return cur.rowcount == 1
+
+    def fail(self, job_id: str, code: str, message: str) -> None:
+        now = time.time()
+        self._execute(
+            "UPDATE jobs SET status='failed', error_code=?, error_message=?, completed_at=?, expires_at=? "
+            "WHERE id=? AND status IN ('queued', 'in_progress')",
+            (code, message, now, now + self.retention_s, job_id))
+
+    def requeue(self, job_id: str) -> None:
+        """Put an in-progress job back in the queue (e.g. graceful shutdown, retry smaller)."""
+        self._execute("UPDATE jobs SET status='queued', progress=0, attempts=MAX(attempts-1, 0) "
+                      "WHERE id=? AND status='in_progress'", (job_id,))
+
+    def delete(self, job_id: str) -> Job | None:
+        """Remove a job and its files; returns it as it was (None if unknown)."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        self._delete_files(job_id)
+        return job
+
+    def recover(self) -> dict[str, int]:
+        """After a restart: re-queue interrupted jobs, or fail those out of attempts. Returns counts."""
+        now = time.time()
+        with self._lock:
+            failed = self._db.execute(
+                "UPDATE jobs SET status='failed', error_code='interrupted', error_message=?, completed_at=?, "
+                "expires_at=? WHERE status='in_progress' AND attempts>=?",
+                (f"the server stopped while this job was running, {self.max_attempts} time(s); not retried again",
+                 now, now + self.retention_s, self.max_attempts)).rowcount
+            requeued = self._db.execute(
+                "UPDATE jobs SET status='queued', progress=0 WHERE status='in_progress'").rowcount
+        for row in self._execute("SELECT id FROM jobs WHERE status IN ('queued','in_progress')").fetchall():
+            for p in (self.video_path(row[0]), self.thumb_path(row[0])):
+                p.with_suffix(p.suffix + ".part").unlink(missing_ok=True)
+        if failed or requeued:
+            logger.warning("recovered after restart: %d job(s) re-queued, %d failed", requeued, failed)
+        return {"requeued": requeued, "failed": failed}
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete finished jobs past their expiry, with their files. Returns how many."""
+        now = time.time() if now is None else now
+        ids = [r[0] for r in self._execute(
+            "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,)).fetchall()]
+        for job_id in ids:
+            self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            self._delete_files(job_id)
+        return len(ids)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,281 @@
+"""Checkpoint sources: a diffusers folder or Hugging Face id, LoRA (diffusers/PEFT and upstream
+MicroVerse keys), a full DiT in original Wan keys, and the embedded default model.
+
+Nothing is silently ignored: a LoRA or DiT key that matches no module (or the wrong shape) stops
+loading with a :class:`CheckpointError` that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "microverse-tiny-random-v1"
+"""Folder name (and reported model name) of the embedded default model."""
+EMBEDDED_DESCRIPTION = (
+    "Embedded default: a tiny Wan2.1-architecture pipeline with seeded RANDOM weights, built in code "
+    "(no download). It exercises the whole stack; its videos are noise-like patterns, not science. "
+    "Point MICROVERSE_MODEL at a real checkpoint (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for real videos."
+)
+DEFAULTS_FILE = "microverse_defaults.json"
+"""Optional file in a checkpoint folder overriding :class:`ModelDefaults`."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be loaded as asked; the message says what and why."""
+
+
+@dataclass
+class ModelDefaults:
+    """Generation defaults of a model (Wan2.1's unless the checkpoint folder says otherwise)."""
+
+    height: int = 480
+    """Default video height in pixels."""
+    width: int = 832
+    """Default video width in pixels."""
+    num_frames: int = 81
+    """Default frame count (4k+1)."""
+    num_inference_steps: int = 50
+    """Default denoising steps."""
+    guidance_scale: float = 5.0
+    """Default classifier-free guidance scale."""
+    fps: int = 16
+    """Default frames per second of the encoded video."""
+    max_sequence_length: int = 512
+    """Text tokens fed to the encoder."""
+    negative_prompt: str = ""
+    """Default negative prompt."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline and what the service reports about it."""
+
+    pipe: object
+    """The diffusers ``WanPipeline``."""
+    name: str
+    """Model name reported by the API."""
+    source: str
+    """Where the base weights came from (path or hub id)."""
+    description: str
+    """Human-readable description (says plainly when the model is the random embedded one)."""
+    defaults: ModelDefaults
+    """Generation defaults."""
+    loras: list[str] = field(default_factory=list)
+    """LoRA files applied."""
+    transformer_override: str | None = None
+    """Full fine-tuned DiT applied, if any."""
+
+
+def embedded_model_path(settings: Settings) -> Path:
+    """Path of the embedded default model, building and saving it on first use (atomic)."""
+    from .tiny import TinyWanConfig, save_tiny_pipeline
+
+    target = Path(settings.embedded_dir) / EMBEDDED_NAME
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    cfg = TinyWanConfig()
+    save_tiny_pipeline(tmp, cfg)
+    defaults = ModelDefaults(
+        height=64, width=64, num_frames=17, num_inference_steps=10, guidance_scale=5.0, fps=16,
+        max_sequence_length=cfg.max_sequence_length,
+    )
+    (tmp / DEFAULTS_FILE).write_text(json.dumps(defaults.__dict__, indent=2))
+    (tmp / "README.md").write_text(f"# {EMBEDDED_NAME}\n\n{EMBEDDED_DESCRIPTION}\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("embedded default model saved to %s", target)
+    return target
+
+
+def read_defaults(source: str) -> ModelDefaults:
+    """``microverse_defaults.json`` from a local checkpoint folder, else Wan2.1's defaults."""
+    path = Path(source) / DEFAULTS_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        known = {k: v for k, v in data.items() if k in ModelDefaults.__dataclass_fields__}
+        return ModelDefaults(**known)
+    return ModelDefaults()
+
+
+def _read_safetensors(path: Path, preferred: str | None = None) -> tuple[dict[str, torch.Tensor], Path]:
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        if preferred and (path / preferred).is_file():
+            path = path / preferred
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if len(files) != 1:
+                raise CheckpointError(
+                    f"{path}: expected {preferred or 'one .safetensors file'} in the folder, found "
+                    f"{[f.name for f in files] or 'none'}"
+                )
+            path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(str(path)), path
+    except Exception as exc:  # safetensors raises several types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _wan_to_diffusers_name(module: str) -> str:
+    """Original Wan module name (``blocks.0.self_attn.q``) to the diffusers one (``blocks.0.attn1.to_q``)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    (name,) = convert_wan_transformer_to_diffusers({module + ".weight": None}).keys()
+    return name[: -len(".weight")]
+
+
+def _format_keys(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def lora_to_diffusers(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Normalise a LoRA state dict to diffusers keys ``transformer.<module>.lora_{A,B}.weight``.
+
+    Accepts diffusers/PEFT keys (``transformer.`` prefix or bare diffusers module names) and the
+    upstream MicroVerse/DiffSynth format (original Wan names, ``.lora_A.default.weight``; trained
+    with alpha = rank, so applied at scale 1 as upstream does). Unknown layouts raise.
+    """
+    out: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+    for key, value in state_dict.items():
+        k = key.replace(".default.", ".")
+        for prefix in ("diffusion_model.", "model.diffusion_model.", "base_model.model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("transformer."):
+            out[k] = value
+            continue
+        parts = k.rsplit(".", 2)  # module, lora_X, weight|bias
+        if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B", "lora_down", "lora_up"):
+            bad.append(key)
+            continue
+        module, kind, leaf = parts
+        kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
+        is_original = any(s in module for s in ("self_attn", "cross_attn", "ffn.0", "ffn.2", "head.head"))
+        if is_original:
+            module = _wan_to_diffusers_name(module)
+        out[f"transformer.{module}.{kind}.{leaf}"] = value
+    if bad:
+        raise CheckpointError(f"{source}: keys that are not LoRA weights: {_format_keys(bad)}")
+    return out
+
+
+def check_lora_keys(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise if a LoRA key names no Linear of ``transformer`` or has the wrong shape."""
+    modules = dict(transformer.named_modules())
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        module_name, kind, _leaf = key[len("transformer."):].rsplit(".", 2)
+        mod = modules.get(module_name)
+        if not isinstance(mod, torch.nn.Linear):
+            problems.append(f"{key} (no Linear '{module_name}' in the transformer)")
+        elif kind == "lora_A" and value.ndim == 2 and value.shape[1] != mod.in_features:
+            problems.append(f"{key} (in_features {value.shape[1]} != {mod.in_features})")
+        elif kind == "lora_B" and value.ndim == 2 and value.shape[0] != mod.out_features:
+            problems.append(f"{key} (out_features {value.shape[0]} != {mod.out_features})")
+    if problems:
+        raise CheckpointError(
+            f"LoRA {source} does not fit this model; unmatched keys: {_format_keys(problems)}"
+        )
+
+
+def apply_loras(pipe, paths: list[str], scale: float) -> list[str]:
+    """Load and activate every LoRA in ``paths`` at ``scale``; returns the files used."""
+    used, names = [], []
+    for i, p in enumerate(paths):
+        sd, file = _read_safetensors(Path(p), preferred="pytorch_lora_weights.safetensors")
+        sd = lora_to_diffusers(sd, str(file))
+        check_lora_keys(pipe.transformer, sd, str(file))
+        name = f"lora_{i}"
+        pipe.load_lora_weights(sd, adapter_name=name)
+        used.append(str(file))
+        names.append(name)
+        logger.info("LoRA %s loaded (%d tensors) as %s", file, len(sd), name)
+    if names:
+        pipe.set_adapters(names, [scale] * len(names))
+    return used
+
+
+def apply_transformer(pipe, source: str) -> str:
+    """Replace the pipeline's DiT with a full fine-tune: a diffusers folder or original-Wan safetensors."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(source)
+    base = pipe.transformer
+    if path.is_dir() and (path / "config.json").is_file():
+        new = WanTransformer3DModel.from_pretrained(str(path), dtype=base.dtype)
+        if dict(new.config) != dict(base.config):
+            diff = sorted(k for k in base.config if new.config.get(k) != base.config.get(k))
+            logger.warning("fine-tuned transformer config differs from base in %s", diff)
+        pipe.transformer = new
+        return str(path)
+    sd, file = _read_safetensors(path)
+    converted = convert_wan_transformer_to_diffusers(dict(sd))
+    expected = base.state_dict()
+    unexpected = sorted(set(converted) - set(expected))
+    missing = sorted(set(expected) - set(converted))
+    wrong = sorted(k for k in set(converted) & set(expected) if converted[k].shape != expected[k].shape)
+    if unexpected or missing or wrong:
+        parts = []
+        if unexpected:
+            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+        if missing:
+            parts.append(f"missing keys: {_format_keys(missing)}")
+        if wrong:
+            parts.append(f"shape mismatches: {_format_keys(wrong)}")
+        raise CheckpointError(f"DiT {file} does not fit the base model; " + "; ".join(parts))
+    base.load_state_dict({k: v.to(expected[k].dtype) for k, v in converted.items()}, strict=True)
+    return str(file)
+
+
+def load_pipeline(
+    settings: Settings, torch_dtype: torch.dtype = torch.float32, quantization_config=None
+) -> LoadedModel:
+    """Load the base pipeline and apply the fine-tune and LoRAs the settings name.
+
+    ``quantization_config`` is a diffusers ``PipelineQuantizationConfig`` (see ``optimize``).
+    """
+    from diffusers import WanPipeline
+
+    if settings.model:
+        source, description = settings.model, f"Wan2.1-architecture checkpoint {settings.model}"
+        local = Path(source)
+        if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+            raise CheckpointError(f"MICROVERSE_MODEL={source!r}: no such folder and not a Hugging Face id")
+    else:
+        source, description = str(embedded_model_path(settings)), EMBEDDED_DESCRIPTION
+    try:
+        # The Wan VAE stays in float32 (numerically sensitive); the rest takes ``torch_dtype``.
+        pipe = WanPipeline.from_pretrained(
+            source, dtype={"vae": torch.float32, "default": torch_dtype}, quantization_config=quantization_config
+        )
+    except Exception as exc:
+        raise CheckpointError(f"could not load a WanPipeline from {source!r}: {exc}") from exc
+    transformer_override = apply_transformer(pipe, settings.transformer) if settings.transformer else None
+    loras = apply_loras(pipe, settings.lora, settings.lora_scale) if settings.lora else []
+    name = settings.model_name or (Path(source).name if not settings.model or Path(source).exists() else source)
+    return LoadedModel(
+        pipe=pipe, name=name, source=source, description=description, defaults=read_defaults(source),
+        loras=loras, transformer_override=transformer_override,
+    )

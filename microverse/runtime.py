@@ -1,0 +1,118 @@
+"""The running service's objects: settings, engine, job store, batch worker and metrics."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from .config import Settings
+from .engine import DiffusersEngine, VideoEngine
+from .jobs import JobStore
+from .metrics import ServiceMetrics
+from .schemas import Limits
+
+logger = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide what the service computes."""
+    out = {"python": platform.python_version()}
+    for pkg in ("microverse", "torch", "diffusers", "transformers", "bentoml", "peft", "torchao"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The request limits the settings impose."""
+    return Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames, max_steps=settings.max_steps)
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs; built once per server process."""
+
+    settings: Settings
+    store: JobStore
+    metrics: ServiceMetrics
+    engine: VideoEngine | None = None
+    load_error: str | None = None
+    worker: object | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, settings: Settings, engine: VideoEngine | None = None) -> "Runtime":
+        """Load the model (unless ``engine`` is given), recover the job store and start the worker.
+
+        A model that fails to load leaves the service up but not ready, with the reason in ``/info``.
+        """
+        from .batching import BatchWorker
+
+        store = JobStore(settings.storage_dir, settings.job_retention_hours * 3600, settings.max_attempts)
+        rt = cls(settings=settings, store=store, metrics=ServiceMetrics())
+        if engine is None:
+            try:
+                engine = DiffusersEngine.from_settings(settings)
+            except Exception as exc:
+                rt.load_error = f"{type(exc).__name__}: {exc}"
+                logger.error("model failed to load; the service is up but not ready: %s", rt.load_error)
+        rt.engine = engine
+        store.recover()
+        if engine is not None:
+            rt.worker = BatchWorker(store, engine, rt.metrics, settings.max_batch_size,
+                                    settings.max_batch_wait_ms / 1000)
+            rt.worker.start()
+            rt.worker.notify()
+        return rt
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.load_error is None
+
+    @property
+    def limits(self) -> Limits:
+        return limits_of(self.settings)
+
+    def info(self) -> dict:
+        """What ``/info`` reports."""
+        s = self.settings
+        out: dict = {
+            "ready": self.ready,
+            "load_error": self.load_error,
+            "versions": versions(),
+            "limits": self.limits.__dict__,
+            "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
+                         "max_queue": s.max_queue},
+            "job_retention_hours": s.job_retention_hours,
+        }
+        if self.engine is None:
+            return out
+        m, c = self.engine.model, self.engine.choice
+        tcfg = m.pipe.transformer.config
+        out.update({
+            "model": {"name": m.name, "source": m.source, "description": m.description, "loras": m.loras,
+                      "lora_scale": s.lora_scale if m.loras else None, "transformer_override": m.transformer_override},
+            "architecture": {
+                "family": "Wan2.1 text-to-video (WanTransformer3DModel + AutoencoderKLWan + UMT5)",
+                "num_layers": tcfg.num_layers, "num_attention_heads": tcfg.num_attention_heads,
+                "attention_head_dim": tcfg.attention_head_dim,
+                "hidden_size": tcfg.num_attention_heads * tcfg.attention_head_dim,
+                "ffn_dim": tcfg.ffn_dim, "patch_size": list(tcfg.patch_size), "latent_channels": tcfg.in_channels,
+                "text_dim": tcfg.text_dim,
+                "parameters": sum(p.numel() for p in m.pipe.transformer.parameters()),
+            },
+            "defaults": m.defaults.__dict__,
+            "runtime": {"device": c.device, "dtype": str(c.dtype).removeprefix("torch."),
+                        "attention_backend": c.attention_backend, "attention_reason": c.attention_reason,
+                        "quantization": c.quantization, "compile": c.compiled, "offload": c.offload,
+                        "vae_tiling": c.vae_tiling},
+        })
+        return out
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.store.close()

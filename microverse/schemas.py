@@ -1,0 +1,119 @@
+"""Request models and their validation at the edge.
+
+Pydantic checks types and rejects unknown fields; :func:`check_inputs` applies the limits of
+the running service and the shape rules of the Wan VAE, and names the offending parameter.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .loading import ModelDefaults
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1
+
+
+class InputError(ValueError):
+    """Bad input; ``param`` names the field (returned as a 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the running service accepts."""
+
+    max_pixels: int
+    """Largest height x width."""
+    max_frames: int
+    """Largest num_frames."""
+    max_steps: int
+    """Largest num_inference_steps."""
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /generate``. Omitted fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What the video should show (1-2000 characters).")
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    height: int | None = Field(None, description="Pixels, a multiple of 16.")
+    width: int | None = Field(None, description="Pixels, a multiple of 16.")
+    num_frames: int | None = Field(None, description="Frames, of the form 4k+1.")
+    num_inference_steps: int | None = Field(None, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance, 0-20.")
+    seed: int | None = Field(None, description="Random seed; omitted: a random one, returned in X-Seed.")
+    fps: int | None = Field(None, description="Frames per second of the mp4 (1-60).")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A fully resolved generation: what the engine runs for one video."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    fps: int
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one engine call."""
+        return (self.negative_prompt, self.height, self.width, self.num_frames,
+                self.num_inference_steps, self.guidance_scale)
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps
+
+
+def check_inputs(
+    *, prompt: str, height: int, width: int, num_frames: int, num_inference_steps: int,
+    guidance_scale: float, fps: int, seed: int, negative_prompt: str, limits: Limits,
+) -> None:
+    """Raise :class:`InputError` naming the first parameter that is out of bounds."""
+    if not prompt or not prompt.strip():
+        raise InputError("prompt", "prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError("prompt", f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if len(negative_prompt) > MAX_PROMPT_CHARS:
+        raise InputError("negative_prompt", f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
+    for name, value in (("height", height), ("width", width)):
+        if value < 16 or value % 16:
+            raise InputError(name, f"{name} must be a positive multiple of 16, got {value}")
+    if height * width > limits.max_pixels:
+        raise InputError("height", f"height x width = {height * width} exceeds the limit of {limits.max_pixels} pixels")
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise InputError("num_frames", f"num_frames must be of the form 4k+1 (1, 5, 9, ...), got {num_frames}")
+    if num_frames > limits.max_frames:
+        raise InputError("num_frames", f"num_frames {num_frames} exceeds the limit of {limits.max_frames}")
+    if not 1 <= num_inference_steps <= limits.max_steps:
+        raise InputError("num_inference_steps", f"num_inference_steps must be in 1..{limits.max_steps}, got {num_inference_steps}")
+    if not 0 <= guidance_scale <= 20:
+        raise InputError("guidance_scale", f"guidance_scale must be in 0..20, got {guidance_scale}")
+    if not 1 <= fps <= 60:
+        raise InputError("fps", f"fps must be in 1..60, got {fps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError("seed", f"seed must be in 0..{MAX_SEED}, got {seed}")
+
+
+def resolve(req: GenerateRequest, defaults: ModelDefaults, limits: Limits) -> GenerationSpec:
+    """Fill omitted fields from the model defaults, validate, and return the spec."""
+    values = {name: getattr(defaults, name) if getattr(req, name) is None else getattr(req, name)
+              for name in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                           "guidance_scale", "fps")}
+    seed = random.SystemRandom().randrange(2**31) if req.seed is None else req.seed
+    check_inputs(prompt=req.prompt, seed=seed, limits=limits, **values)
+    return GenerationSpec(prompt=req.prompt, seed=seed, **values)

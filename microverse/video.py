@@ -1,0 +1,62 @@
+"""Frames to files: H.264 mp4 (yuv420p) through PyAV, and thumbnails through Pillow."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def encode_mp4(frames: np.ndarray, fps: int, crf: int = 17) -> bytes:
+    """Encode uint8 frames (T, H, W, 3) as H.264 yuv420p mp4 at ``fps``; returns the bytes."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def thumbnail(frames: np.ndarray, fmt: str = "webp") -> bytes:
+    """The middle frame as an image (webp by default)."""
+    buf = io.BytesIO()
+    Image.fromarray(frames[len(frames) // 2]).save(buf, format=fmt.upper())
+    return buf.getvalue()
+
+
+def read_mp4(data: bytes | str | Path) -> tuple[np.ndarray, float]:
+    """Decode a video into uint8 frames (T, H, W, 3) and its frame rate."""
+    src = io.BytesIO(data) if isinstance(data, bytes) else str(data)
+    with av.open(src) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate or 0)
+    if not frames:
+        raise ValueError("the video has no frames")
+    return np.stack(frames), fps
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and fsync, so a crash leaves no partial file."""
+    import os
+
+    tmp = path.with_suffix(path.suffix + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
