@@ -1,0 +1,359 @@
+"""Resumable MicroWorldBench runner: obtain videos, judge, score, and read/write upstream results.
+
+Videos come from a folder of ``<index>.mp4`` files (the upstream layout) or are generated
+through an endpoint that speaks the service's OpenAI-style ``/v1/videos`` API. Generated
+videos are written atomically to ``<out>/videos/<index>.mp4`` and never regenerated; a job
+started before a kill is polled again instead of re-submitted. Judgements are cached in
+``<out>/cache.sqlite`` (see :mod:`evaluation.cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import openai
+from tqdm import tqdm
+
+from .benchmark import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
+from .cache import JudgementCache
+from .judge import PROMPT_VERSION, JudgeError, Judgement, Usage, VideoError, VLMJudge, parse_answer, sample_frames
+from .scoring import Agreement, TaskScore, agreement, score_task, summarize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate the benchmark videos from a ``/v1/videos`` endpoint."""
+
+    endpoint: str
+    """Base URL of the API, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is appended if absent)."""
+    api_key: str = "EMPTY"
+    """API key for the endpoint."""
+    model: str | None = None
+    """Video model name sent with each request (None: the server's default)."""
+    size: str | None = None
+    """``WxH`` (None: the server's default)."""
+    seconds: str | None = None
+    """Duration (None: the server's default)."""
+    num_frames: int | None = None
+    """Frame count (extension field)."""
+    num_inference_steps: int | None = None
+    """Sampling steps (extension field)."""
+    guidance_scale: float | None = None
+    """CFG scale (extension field)."""
+    negative_prompt: str | None = None
+    """Negative prompt (extension field)."""
+    seed: int | None = 0
+    """Base seed; task ``i`` uses ``seed + i``."""
+    poll_interval_s: float = 1.0
+    """Seconds between status polls."""
+    timeout_s: float = 3600.0
+    """Give up on one video after this long."""
+
+    def base_url(self) -> str:
+        """The OpenAI base URL."""
+        url = self.endpoint.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def generate_videos(tasks: Sequence[Task], config: GenerationConfig, out_dir: Path, cache: JudgementCache) -> dict[int, Path]:
+    """Generate the videos of ``tasks`` not yet in ``out_dir``; returns the videos that exist."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = openai.OpenAI(base_url=config.base_url(), api_key=config.api_key)
+    extra = {
+        "num_frames": config.num_frames,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "negative_prompt": config.negative_prompt,
+    }
+    options = {k: v for k, v in {"model": config.model, "size": config.size, "seconds": config.seconds}.items() if v is not None}
+    videos: dict[int, Path] = {}
+    for task in tqdm(tasks, desc="generating videos", unit="video"):
+        path = out_dir / f"{task.index}.mp4"
+        if path.is_file():
+            videos[task.index] = path
+            continue
+        try:
+            job_id = cache.job_id(task.index)
+            job = None
+            if job_id:
+                try:
+                    job = client.videos.retrieve(job_id)
+                except openai.NotFoundError:
+                    job = None
+            if job is None or job.status == "failed":
+                body = {k: v for k, v in extra.items() if v is not None}
+                if config.seed is not None:
+                    body["seed"] = config.seed + task.index
+                job = client.videos.create(prompt=task.task, extra_body=body, **options)
+                cache.set_job_id(task.index, job.id)
+            deadline = time.monotonic() + config.timeout_s
+            while job.status not in ("completed", "failed"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job.id} not done after {config.timeout_s:.0f} s")
+                time.sleep(config.poll_interval_s)
+                job = client.videos.retrieve(job.id)
+            if job.status == "failed":
+                raise RuntimeError(f"job {job.id} failed: {getattr(job, 'error', None)}")
+            _write_atomic(path, client.videos.download_content(job.id).read())
+            cache.set_job_id(task.index, None)
+            videos[task.index] = path
+        except (openai.OpenAIError, RuntimeError, TimeoutError) as exc:
+            logger.error("task %d: generation failed: %s", task.index, exc)
+    return videos
+
+
+def folder_videos(tasks: Sequence[Task], folder: Path) -> dict[int, Path]:
+    """The ``<index>.mp4`` files of ``folder`` for the selected tasks (missing ones are logged)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"video folder {folder} does not exist")
+    videos = {t.index: folder / f"{t.index}.mp4" for t in tasks if (folder / f"{t.index}.mp4").is_file()}
+    missing = [t.index for t in tasks if t.index not in videos]
+    if missing:
+        logger.warning("%d selected task(s) have no video in %s: %s", len(missing), folder, missing[:20])
+    return videos
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class EvalResult:
+    """Everything a run produced."""
+
+    model_name: str
+    """Name of the evaluated video model."""
+    judge_model: str
+    """Judge model name."""
+    tasks: list[Task]
+    """Selected tasks."""
+    judgements: dict[int, dict[str, Judgement]]
+    """Valid judgements (repeat 0) per task and dimension."""
+    scores: list[TaskScore]
+    """Per-task scores."""
+    videos: dict[int, str] = field(default_factory=dict)
+    """Video path per task."""
+    missing_videos: list[int] = field(default_factory=list)
+    """Selected tasks without a video."""
+    agreement: dict[str, Agreement] | None = None
+    """Judge self-agreement per dimension, when requested."""
+    usage: Usage = field(default_factory=Usage)
+    """What this run spent at the judge."""
+    cost_total_usd: float = 0.0
+    """Cost of every judgement used, cached ones included."""
+    anomalies: list[Anomaly] = field(default_factory=list)
+    """Benchmark and import anomalies."""
+    benchmark_source: str = ""
+    """Where the benchmark came from."""
+
+
+def judge_videos(
+    tasks: Sequence[Task],
+    videos: Mapping[int, Path],
+    judge: VLMJudge,
+    cache: JudgementCache,
+    repeats: Mapping[int, int] | None = None,
+) -> dict[tuple[int, str, int], Judgement]:
+    """Judge every (task, dimension, repeat) not yet cached; returns all valid judgements.
+
+    ``repeats`` maps task index to how many times it is judged (default 1).
+    """
+    repeats = repeats or {}
+    model = judge.config.model
+    todo = [t for t in tasks if t.index in videos]
+    total = sum(len(DIMENSIONS) * repeats.get(t.index, 1) for t in todo)
+    results: dict[tuple[int, str, int], Judgement] = {}
+    bar = tqdm(total=total, desc="judging", unit="call")
+
+    def work(task: Task) -> None:
+        path = videos[task.index]
+        sha = file_sha256(path)
+        frames = None
+        for repeat in range(repeats.get(task.index, 1)):
+            for dim in DIMENSIONS:
+                key = (sha, task.index, dim, task.rubric_hash(dim), model, PROMPT_VERSION)
+                found = cache.get(*key, repeat=repeat)
+                if found is None:
+                    try:
+                        if frames is None:
+                            frames = sample_frames(path, judge.config.num_frames)
+                        found = judge.judge(frames, task.task, task.requirement, dim, task.rubrics[dim], repeat=repeat)
+                    except (JudgeError, VideoError) as exc:
+                        logger.error("task %d %s: %s", task.index, dim, exc)
+                    else:
+                        cache.put(*key, found, repeat=repeat)
+                if found is not None:
+                    results[(task.index, dim, repeat)] = found
+                bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=judge.config.concurrency) as pool:
+        for future in as_completed([pool.submit(work, t) for t in todo]):
+            future.result()
+    bar.close()
+    return results
+
+
+def run_eval(
+    bench: Benchmark,
+    tasks: Sequence[Task],
+    judge: VLMJudge,
+    out_dir: Path,
+    model_name: str,
+    *,
+    videos_dir: Path | None = None,
+    generation: GenerationConfig | None = None,
+    agreement_tasks: int = 0,
+    agreement_repeats: int = 3,
+    seed: int = 0,
+) -> EvalResult:
+    """Obtain videos (folder or endpoint), judge, and score the selected tasks."""
+    if (videos_dir is None) == (generation is None):
+        raise ValueError("give exactly one of videos_dir and generation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = JudgementCache(out_dir / "cache.sqlite")
+    try:
+        if generation is not None:
+            videos = generate_videos(tasks, generation, out_dir / "videos", cache)
+        else:
+            videos = folder_videos(tasks, videos_dir)
+        repeats: dict[int, int] = {}
+        if agreement_tasks:
+            subset = select_tasks(bench, indices=[t.index for t in tasks if t.index in videos], sample=agreement_tasks, seed=seed)
+            repeats = {t.index: agreement_repeats for t in subset}
+        found = judge_videos(tasks, videos, judge, cache, repeats)
+    finally:
+        cache.close()
+    judgements = {
+        t.index: {d: found[(t.index, d, 0)] for d in DIMENSIONS if (t.index, d, 0) in found} for t in tasks
+    }
+    scores = [score_task(t, {d: j.scores for d, j in judgements[t.index].items()}) for t in tasks]
+    agree = None
+    if repeats:
+        complete = [i for i, k in repeats.items() if all((i, d, r) in found for d in DIMENSIONS for r in range(k))]
+        agree = {
+            d: agreement([[found[(i, d, r)].scores for i in complete] for r in range(agreement_repeats)]) for d in DIMENSIONS
+        }
+    return EvalResult(
+        model_name=model_name,
+        judge_model=judge.config.model,
+        tasks=list(tasks),
+        judgements=judgements,
+        scores=scores,
+        videos={i: str(p) for i, p in videos.items()},
+        missing_videos=[t.index for t in tasks if t.index not in videos],
+        agreement=agree,
+        usage=judge.usage,
+        cost_total_usd=sum(j.cost_usd for j in found.values()),
+        anomalies=list(bench.anomalies),
+        benchmark_source=bench.source,
+    )
+
+
+_UPSTREAM_KEYS = {"scientific": "scientific_eval", "visual": "visual_eval", "instruction": "instruction_eval"}
+
+
+def export_upstream(result: EvalResult, path: Path) -> None:
+    """Write ``<model>_result.json`` in the upstream format (missing dimensions left out)."""
+    items = []
+    for task in result.tasks:
+        item: dict[str, Any] = {"index": task.index, "video_path": result.videos.get(task.index, "")}
+        for dim, j in result.judgements.get(task.index, {}).items():
+            item[_UPSTREAM_KEYS[dim]] = {
+                "raw_response": j.raw_response,
+                "parsed_result": {"scores": j.scores, "reasoning": j.reasoning, "reasons": j.reasons},
+            }
+        items.append(item)
+    _write_atomic(path, json.dumps(items, ensure_ascii=False, indent=2).encode())
+
+
+def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int, dict[str, list[int]]], list[Anomaly]]:
+    """Read an upstream ``<model>_result.json``; returns tasks, judgements and import anomalies.
+
+    A dimension whose ``parsed_result`` is absent is re-parsed from ``raw_response``; one whose
+    number of scores differs from the number of criteria is treated as missing (the upstream
+    scorer counts only the criteria answered, inflating short answers). Blocks numbered
+    ``d11..d55`` were judged upstream with no criteria text in the prompt; they are scored in
+    order and reported as ``judged_without_criteria``.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of results")
+    renumbered = {(a.index, a.dimension) for a in bench.anomalies if a.kind == "renumbered_criteria"}
+    tasks: list[Task] = []
+    judgements: dict[int, dict[str, list[int]]] = {}
+    anomalies: list[Anomaly] = []
+    for item in data:
+        index = item.get("index") if isinstance(item, dict) else None
+        if index not in bench.tasks:
+            anomalies.append(Anomaly("unknown_task", f"result for unknown task {index!r} ignored", index if isinstance(index, int) else None))
+            continue
+        task = bench.tasks[index]
+        tasks.append(task)
+        judgements[index] = {}
+        for dim, key in _UPSTREAM_KEYS.items():
+            n = len(task.rubrics[dim])
+            entry = item.get(key) or {}
+            parsed = entry.get("parsed_result")
+            try:
+                if isinstance(parsed, dict):
+                    scores, _, _ = parse_answer(json.dumps(parsed), n)
+                elif entry.get("raw_response"):
+                    scores, _, _ = parse_answer(entry["raw_response"], n)
+                    anomalies.append(Anomaly("reparsed", f"task {index} {dim}: parsed from raw_response", index, dim))
+                else:
+                    anomalies.append(Anomaly("missing_dimension", f"task {index} {dim}: no judgement", index, dim))
+                    continue
+            except ValueError as exc:
+                anomalies.append(Anomaly("invalid_judgement", f"task {index} {dim}: {exc}; treated as missing", index, dim))
+                continue
+            if (index, dim) in renumbered:
+                anomalies.append(
+                    Anomaly("judged_without_criteria", f"task {index} {dim}: upstream prompt omitted the d11..d55 criteria", index, dim)
+                )
+            judgements[index][dim] = scores
+    return tasks, judgements, anomalies
+
+
+def rescore_upstream(path: Path, bench: Benchmark, model_name: str | None = None) -> EvalResult:
+    """Score an upstream result file with the faithful scorer."""
+    tasks, judgements, anomalies = import_upstream(path, bench)
+    name = model_name or Path(path).name.removesuffix("_result.json")
+    return EvalResult(
+        model_name=name,
+        judge_model="upstream",
+        tasks=tasks,
+        judgements={},
+        scores=[score_task(t, judgements[t.index]) for t in tasks],
+        anomalies=list(bench.anomalies) + anomalies,
+        benchmark_source=bench.source,
+    )
+
+
+def summary_of(result: EvalResult, n_resamples: int = 2000, seed: int = 0):
+    """The :class:`~evaluation.scoring.Summary` of a result."""
+    return summarize(result.scores, n_selected=len(result.tasks), n_resamples=n_resamples, seed=seed)
+
+
+def usage_dict(result: EvalResult) -> dict[str, Any]:
+    """Judge usage of a run as a plain dict."""
+    return {**asdict(result.usage), "cost_usd_total": result.cost_total_usd}
