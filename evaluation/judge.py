@@ -319,7 +319,7 @@ class VLMJudge:
         n = len(criteria)
         prompt = build_prompt(task, requirement, dimension, criteria, len(frames))
         seed = None if self.config.seed is None else self.config.seed + repeat
-        max_side = self.config.max_image_side
+        max_side = min(self.config.max_image_side, max(max(f.size) for f in frames))
         followups: list[dict[str, Any]] = []
         totals = [0, 0, 0]  # prompt tokens, completion tokens, requests
         attempts = 0
