@@ -1,0 +1,32 @@
+"""Fixtures for the training tests: synthetic videos, a tiny Wan pipeline and a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.video import write_video
+from training_test_media import blobs
+
+PROMPTS = ("cells dividing", "blood flowing in a vessel", "bacteria swimming toward source", "vesicles moving along microtubule")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from microverse.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-wan")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Four 32x32x9 clips at 16 fps with upstream-format ``metadata.json`` (``id``, ``video``, ``prompt``)."""
+    root = tmp_path_factory.mktemp("dataset")
+    rows = []
+    for i, prompt in enumerate(PROMPTS):
+        write_video(root / "videos" / f"clip{i}.mp4", blobs(9, (32, 32), seed=i, background=20 + 60 * i), fps=16)
+        rows.append({"id": f"clip{i}", "video": f"videos/clip{i}.mp4", "prompt": prompt})
+    (root / "metadata.json").write_text(json.dumps(rows))
+    return root

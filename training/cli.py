@@ -1,0 +1,118 @@
+"""Click groups wired into the ``microverse`` CLI as ``microverse train`` and ``microverse data``.
+
+Also runnable as ``python -m training.cli train ...`` / ``python -m training.cli data ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group("train", invoke_without_command=True)
+@click.option("--config", "config_spec", help="Registered config name (debug, lora-1.3b, full-1.3b) or YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. optim.lr=1e-4.")
+@click.option("--until-step", type=int, help="Stop (with a checkpoint) after this global step; rerun to resume.")
+@click.pass_context
+def train_group(ctx: click.Context, config_spec: str | None, overrides: tuple[str, ...], until_step: int | None) -> None:
+    """Fine-tune Wan2.1 (LoRA or full). Wrap in `accelerate launch` for several processes/nodes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not config_spec:
+        raise click.UsageError("give --config CONFIG or a subcommand")
+    from training.config import load_config
+    from training.trainer import train
+
+    _setup_logging()
+    out = train(load_config(config_spec, overrides), until_step=until_step)
+    click.echo(str(out))
+
+
+@train_group.command("show-config")
+@click.argument("config_spec")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def show_config(config_spec: str, overrides: tuple[str, ...]) -> None:
+    """Print a config as YAML (a starting point for your own)."""
+    import yaml
+
+    from training.config import config_to_dict, load_config
+
+    click.echo(yaml.safe_dump(config_to_dict(load_config(config_spec, overrides)), sort_keys=False))
+
+
+@train_group.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "upstream"]), default="diffusers", show_default=True)
+def export_cmd(checkpoint: str, out: str, fmt: str) -> None:
+    """Export CHECKPOINT (run folder, checkpoint folder or export folder) to OUT."""
+    from training.export import export_checkpoint
+
+    _setup_logging()
+    click.echo(str(export_checkpoint(checkpoint, out, fmt)))
+
+
+@train_group.command("convert")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["diffusers", "upstream"]), required=True)
+@click.option("--base", help="Wan pipeline/transformer folder or HF id (config of a full upstream checkpoint).")
+def convert_cmd(src: str, dst: str, to: str, base: str | None) -> None:
+    """Convert a LoRA or full checkpoint between diffusers and upstream MicroVerse formats."""
+    from training.convert import convert_checkpoint
+
+    _setup_logging()
+    click.echo(str(convert_checkpoint(src, dst, to=to, base=base)))
+
+
+@train_group.command("export-bento")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--name", required=True, help="BentoML model name.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE")
+def export_bento_cmd(checkpoint: str, name: str, labels: tuple[str, ...]) -> None:
+    """Register CHECKPOINT in the BentoML model store; prints the tag."""
+    from training.export import export_bento
+
+    _setup_logging()
+    click.echo(export_bento(checkpoint, name, dict(label.split("=", 1) for label in labels)))
+
+
+@click.group("data")
+def data_group() -> None:
+    """Build a MicroSim-style training set from raw videos (each stage resumable)."""
+
+
+def _add_data_commands() -> None:
+    from training.data.cli import register
+
+    register(data_group)
+    # training.simulator (procedural simulator, written separately) may not exist yet.
+    try:
+        from training.simulator import simulate_command
+    except ImportError:
+        return
+    data_group.add_command(simulate_command, "simulate")
+
+
+_add_data_commands()
+
+
+@click.group()
+def main() -> None:
+    """Training entry point when run as ``python -m training.cli``."""
+
+
+main.add_command(train_group, "train")
+main.add_command(data_group, "data")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Training data: upstream ``metadata.json``, frame/resolution buckets, and the latent cache.
+
+VAE latents and text embeddings are computed once (sharded over processes) and cached as
+safetensors, so neither the VAE nor the text encoder is resident while the DiT trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from training.video import read_video, resize_crop
+
+logger = logging.getLogger(__name__)
+
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+
+
+@dataclass
+class Sample:
+    """One row of ``metadata.json`` with its bucket and cache file."""
+
+    id: str
+    """Clip id (``id`` field, else the video path)."""
+    video: Path
+    """Absolute path of the clip."""
+    prompt: str
+    """Caption."""
+    bucket: tuple[int, int, int]
+    """``(frames, height, width)`` it trains at."""
+    cache_file: Path
+    """Cached latents and prompt embedding."""
+
+
+def read_metadata(dataset: str | Path) -> list[dict]:
+    """Rows of ``<dataset>/metadata.json`` (a JSON array of ``{id?, video, prompt, ...}``)."""
+    rows = json.loads((Path(dataset) / "metadata.json").read_text())
+    if not isinstance(rows, list) or not all("video" in r and "prompt" in r for r in rows):
+        raise ValueError(f"{dataset}/metadata.json must be a list of objects with 'video' and 'prompt'")
+    return rows
+
+
+def choose_bucket(
+    num_frames: int, height: int, width: int, buckets: tuple[tuple[int, int, int], ...]
+) -> tuple[int, int, int] | None:
+    """Closest-aspect bucket among those whose frame count fits the clip (longest first)."""
+    fitting = [b for b in buckets if b[0] <= num_frames]
+    if not fitting:
+        return None
+    longest = max(b[0] for b in fitting)
+    aspect = width / height
+    return min((b for b in fitting if b[0] == longest), key=lambda b: abs(b[2] / b[1] - aspect))
+
+
+def _probe(path: Path) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        n = s.frames or sum(1 for _ in c.decode(s))
+        return n, s.codec_context.height, s.codec_context.width
+
+
+def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int) -> list[Sample]:
+    """Samples of the dataset with buckets and cache paths (clips fitting no bucket are skipped)."""
+    dataset = Path(dataset)
+    samples = []
+    for i, row in enumerate(read_metadata(dataset)):
+        video = (dataset / row["video"]).resolve()
+        bucket = choose_bucket(*_probe(video), buckets)
+        if bucket is None:
+            logger.warning("skipping %s: shorter than every bucket", video)
+            continue
+        key = json.dumps([str(video), video.stat().st_mtime_ns, row["prompt"], bucket, model_key, text_max_length])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        samples.append(Sample(str(row.get("id") or row["video"]), video, row["prompt"], bucket, cache_dir / f"{digest}.safetensors"))
+    return samples
+
+
+def load_clip(sample: Sample) -> torch.Tensor:
+    """The clip as ``[3, F, H, W]`` in [-1, 1] at its bucket size (first F frames)."""
+    frames, h, w = sample.bucket
+    video, _ = read_video(sample.video)
+    video = resize_crop(video[:frames], h, w)
+    return torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], max_length: int, device) -> list[torch.Tensor]:
+    """UMT5 embeddings trimmed to each prompt's tokens (padded back to ``max_length`` when batched)."""
+    out = []
+    for prompt in prompts:
+        tokens = pipe.tokenizer(prompt, max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        emb = pipe.text_encoder(ids, mask).last_hidden_state[0, : int(mask.sum())]
+        out.append(emb.float().cpu())
+    return out
+
+
+@torch.no_grad()
+def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
+    """Normalised Wan VAE latent mean ``(mu - latents_mean) / latents_std`` of one ``[3, F, H, W]`` clip."""
+    mu = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()[0].float()
+    mean = torch.tensor(vae.config.latents_mean, device=mu.device).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=mu.device).view(-1, 1, 1, 1)
+    return ((mu - mean) / std).cpu()
+
+
+def build_cache(accelerator, pipe, samples: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=()) -> dict[str, torch.Tensor]:
+    """Encode every uncached sample (sharded over processes) and the empty and extra prompts.
+
+    Returns the embeddings of ``""`` and of ``extra_prompts`` (keys are the prompts)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in samples if not s.cache_file.exists()][accelerator.process_index :: accelerator.num_processes]
+    device = accelerator.device
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    for sample in tqdm(todo, desc="caching latents", disable=not todo or not accelerator.is_local_main_process):
+        latents = encode_latents(pipe.vae, load_clip(sample))
+        emb = encode_prompts(pipe, [sample.prompt], text_max_length, device)[0]
+        tmp = sample.cache_file.with_suffix(f".tmp{accelerator.process_index}")
+        save_file({"latents": latents.contiguous(), "prompt_embeds": emb.contiguous()}, str(tmp))
+        tmp.replace(sample.cache_file)
+    prompts = ["", *extra_prompts]
+    embeds = dict(zip(prompts, encode_prompts(pipe, prompts, text_max_length, device)))
+    if accelerator.is_main_process:
+        save_file({"prompt_embeds": embeds[""].contiguous()}, str(cache_dir / EMPTY_PROMPT_FILE))
+    accelerator.wait_for_everyone()
+    return embeds
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Cached latents and prompt embeddings; caption dropout is decided by the sampler's batch plan."""
+
+    def __init__(self, samples: list[Sample], empty_embeds: torch.Tensor, text_max_length: int):
+        self.samples = samples
+        self.empty = empty_embeds
+        self.text_max_length = text_max_length
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict:
+        index, drop_caption = item
+        data = load_file(str(self.samples[index].cache_file))
+        emb = self.empty if drop_caption else data["prompt_embeds"]
+        padded = torch.zeros(self.text_max_length, emb.shape[-1])
+        padded[: emb.shape[0]] = emb[: self.text_max_length]
+        return {"latents": data["latents"], "prompt_embeds": padded}
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Deterministic, resumable batches of same-bucket samples, sharded over processes.
+
+    Epoch ``e`` is a seeded shuffle (seed, e) of the repeated dataset, grouped by bucket into
+    batches, shuffled again, and split round-robin across ranks (every rank gets the same number
+    of batches). Each item carries its caption-dropout decision, so data order and dropout resume
+    exactly from ``(epoch, position)`` (see :meth:`set_position`).
+    """
+
+    def __init__(self, samples, batch_size, seed, rank, world_size, repeat=1, caption_dropout=0.0):
+        self.buckets = [s.bucket for s in samples]
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.repeat, self.caption_dropout = repeat, caption_dropout
+        self.epoch, self.position = 0, 0
+
+    def batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        order = [i for _ in range(self.repeat) for i in range(len(self.buckets))]
+        rng.shuffle(order)
+        by_bucket: dict = {}
+        for i in order:
+            by_bucket.setdefault(self.buckets[i], []).append((i, rng.random() < self.caption_dropout))
+        batches = [
+            items[j : j + self.batch_size]
+            for items in by_bucket.values()
+            for j in range(0, len(items) - self.batch_size + 1, self.batch_size)
+        ]
+        rng.shuffle(batches)
+        usable = len(batches) // self.world * self.world
+        return batches[self.rank : usable : self.world]
+
+    def set_position(self, epoch: int, position: int) -> None:
+        """Iterate epoch ``epoch`` starting at its ``position``-th batch."""
+        self.epoch, self.position = epoch, position
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.position
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.position :]
