@@ -29,9 +29,10 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -164,12 +165,12 @@ def parse_block(
         if numbers != doubled:
             raise RubricError(f"{where}: criteria numbered {numbers}, expected {expected}")
         anomalies.append(
-            Anomaly("renumbered_criteria", f"{where}: criteria numbered {numbers}, read as {expected}", index, dimension)
+            Anomaly(
+                "renumbered_criteria", f"{where}: criteria numbered {numbers}, read as {expected}", index, dimension
+            )
         )
     if len(numbers) != 5:
-        anomalies.append(
-            Anomaly("criteria_count", f"{where}: {len(numbers)} criteria instead of 5", index, dimension)
-        )
+        anomalies.append(Anomaly("criteria_count", f"{where}: {len(numbers)} criteria instead of 5", index, dimension))
     criteria: list[Criterion] = []
     string_weights: list[str] = []
     for number in numbers:
@@ -188,7 +189,9 @@ def parse_block(
         criteria.append(Criterion(text=text.strip(), sign=sign, weight=_parse_weight(part["w"], f"{where}: w{number}")))
     if string_weights:
         anomalies.append(
-            Anomaly("string_weights", f"{where}: weights given as strings: {', '.join(string_weights)}", index, dimension)
+            Anomaly(
+                "string_weights", f"{where}: weights given as strings: {', '.join(string_weights)}", index, dimension
+            )
         )
     if sum(c.weight for c in criteria if c.sign > 0) <= 0:
         raise RubricError(f"{where}: no positive criterion with a weight above 0, the block cannot be scored")
@@ -244,7 +247,9 @@ def load_benchmark(source: str | os.PathLike[str] | None = None, cache_dir: Path
         raw_entry = raw.get(index, {})
         task_text = raw_entry.get("task") or entry.get("任务", "")
         requirement = raw_entry.get("requirement") or entry.get("具体要求", "")
-        if raw_entry and (raw_entry.get("task") != entry.get("任务") or raw_entry.get("requirement") != entry.get("具体要求")):
+        if raw_entry and (
+            raw_entry.get("task") != entry.get("任务") or raw_entry.get("requirement") != entry.get("具体要求")
+        ):
             anomalies.append(Anomaly("task_text_mismatch", f"task {index}: text differs between rubric files", index))
         if not task_text:
             anomalies.append(Anomaly("missing_task_text", f"task {index}: no task text", index))

@@ -50,7 +50,14 @@ class JudgementCache:
         self._lock = threading.Lock()
 
     def get(
-        self, video_sha256: str, task_index: int, dimension: str, rubric_hash: str, judge_model: str, prompt_version: str, repeat: int = 0
+        self,
+        video_sha256: str,
+        task_index: int,
+        dimension: str,
+        rubric_hash: str,
+        judge_model: str,
+        prompt_version: str,
+        repeat: int = 0,
     ) -> Judgement | None:
         """The stored judgement for this key, or None."""
         with self._lock:
@@ -77,8 +84,16 @@ class JudgementCache:
             self._db.execute(
                 "INSERT OR REPLACE INTO judgements (video_sha256, task_index, dimension, rubric_hash, judge_model,"
                 " prompt_version, repeat, judgement) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (video_sha256, task_index, dimension, rubric_hash, judge_model, prompt_version, repeat,
-                 json.dumps(asdict(judgement), ensure_ascii=False)),
+                (
+                    video_sha256,
+                    task_index,
+                    dimension,
+                    rubric_hash,
+                    judge_model,
+                    prompt_version,
+                    repeat,
+                    json.dumps(asdict(judgement), ensure_ascii=False),
+                ),
             )
 
     def count(self) -> int:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -32,7 +33,9 @@ def _indices(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ..
 
 def _benchmark_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--benchmark", envvar="MICROVERSE_BENCHMARK", default=None,
+        "--benchmark",
+        envvar="MICROVERSE_BENCHMARK",
+        default=None,
         help="Folder with the MicroWorldBench files, or a base URL (default: upstream, cached locally).",
     )(f)
 
@@ -52,9 +55,13 @@ def _judge_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _make_judge(kw: dict[str, Any]) -> VLMJudge:
     overrides = {
-        "base_url": kw.pop("judge_base_url"), "api_key": kw.pop("judge_api_key"), "model": kw.pop("judge_model"),
-        "concurrency": kw.pop("concurrency"), "rpm": kw.pop("rpm"),
-        "price_input_per_mtok": kw.pop("price_input"), "price_output_per_mtok": kw.pop("price_output"),
+        "base_url": kw.pop("judge_base_url"),
+        "api_key": kw.pop("judge_api_key"),
+        "model": kw.pop("judge_model"),
+        "concurrency": kw.pop("concurrency"),
+        "rpm": kw.pop("rpm"),
+        "price_input_per_mtok": kw.pop("price_input"),
+        "price_output_per_mtok": kw.pop("price_output"),
     }
     config = JudgeConfig(**{k: v for k, v in overrides.items() if v is not None})
     if not config.base_url:
@@ -63,7 +70,9 @@ def _make_judge(kw: dict[str, Any]) -> VLMJudge:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not debug:
         for noisy in ("httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -76,11 +85,18 @@ def eval_group() -> None:
 
 @eval_group.command("run")
 @click.option("--endpoint", help="Video API base URL (our /v1/videos API) to generate the videos.")
-@click.option("--videos", "videos_dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <index>.mp4 files instead of --endpoint.")
+@click.option(
+    "--videos",
+    "videos_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <index>.mp4 files instead of --endpoint.",
+)
 @click.option("--model-name", required=True, help="Name of the evaluated video model (report and upstream export).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default runs/<model-name>).")
 @_benchmark_option
-@click.option("--level", "levels", multiple=True, type=click.Choice(LEVELS), help="Only tasks of this level (repeatable).")
+@click.option(
+    "--level", "levels", multiple=True, type=click.Choice(LEVELS), help="Only tasks of this level (repeatable)."
+)
 @click.option("--index", "indices", multiple=True, callback=_indices, help="Task indices, e.g. 1,5,9 (repeatable).")
 @click.option("--sample", type=int, help="Seeded sample of N tasks, stratified by level.")
 @click.option("--limit", type=int, help="At most N tasks (after the other selections).")
@@ -94,7 +110,9 @@ def eval_group() -> None:
 @click.option("--guidance-scale", type=float, help="CFG scale.")
 @click.option("--negative-prompt", help="Negative prompt.")
 @click.option("--gen-seed", type=int, default=0, show_default=True, help="Base generation seed (task i uses seed + i).")
-@click.option("--agreement-tasks", type=int, default=0, show_default=True, help="Judge this many tasks repeatedly for agreement.")
+@click.option(
+    "--agreement-tasks", type=int, default=0, show_default=True, help="Judge this many tasks repeatedly for agreement."
+)
 @click.option("--agreement-repeats", type=int, default=3, show_default=True, help="Judgements per agreement task.")
 @click.option("--debug", is_flag=True, help="Judge 3 tasks with verbose logging.")
 @_judge_options
@@ -107,7 +125,9 @@ def run_command(**kw: Any) -> None:
     bench = load_benchmark(kw["benchmark"])
     limit = kw["limit"] or (3 if kw["debug"] else None)
     try:
-        tasks = select_tasks(bench, levels=kw["levels"] or None, indices=kw["indices"], sample=kw["sample"], limit=limit, seed=kw["seed"])
+        tasks = select_tasks(
+            bench, levels=kw["levels"] or None, indices=kw["indices"], sample=kw["sample"], limit=limit, seed=kw["seed"]
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if not tasks:
@@ -116,13 +136,28 @@ def run_command(**kw: Any) -> None:
     generation = None
     if kw["endpoint"]:
         generation = GenerationConfig(
-            endpoint=kw["endpoint"], api_key=kw["endpoint_api_key"], model=kw["video_model"], size=kw["size"], seconds=kw["seconds"],
-            num_frames=kw["num_frames"], num_inference_steps=kw["steps"], guidance_scale=kw["guidance_scale"],
-            negative_prompt=kw["negative_prompt"], seed=kw["gen_seed"],
+            endpoint=kw["endpoint"],
+            api_key=kw["endpoint_api_key"],
+            model=kw["video_model"],
+            size=kw["size"],
+            seconds=kw["seconds"],
+            num_frames=kw["num_frames"],
+            num_inference_steps=kw["steps"],
+            guidance_scale=kw["guidance_scale"],
+            negative_prompt=kw["negative_prompt"],
+            seed=kw["gen_seed"],
         )
     result = run_eval(
-        bench, tasks, judge, out, kw["model_name"], videos_dir=kw["videos_dir"], generation=generation,
-        agreement_tasks=kw["agreement_tasks"], agreement_repeats=kw["agreement_repeats"], seed=kw["seed"],
+        bench,
+        tasks,
+        judge,
+        out,
+        kw["model_name"],
+        videos_dir=kw["videos_dir"],
+        generation=generation,
+        agreement_tasks=kw["agreement_tasks"],
+        agreement_repeats=kw["agreement_repeats"],
+        seed=kw["seed"],
     )
     export_upstream(result, out / f"{kw['model_name']}_result.json")
     report = build_report(result, n_resamples=200 if kw["debug"] else 2000, seed=kw["seed"])
@@ -132,11 +167,26 @@ def run_command(**kw: Any) -> None:
 
 
 @eval_group.command("agreement")
-@click.option("--videos", "videos_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of <index>.mp4 files.")
+@click.option(
+    "--videos",
+    "videos_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <index>.mp4 files.",
+)
 @click.option("--model-name", required=True, help="Name of the evaluated video model.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default runs/<model-name>-agreement).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default runs/<model-name>-agreement)."
+)
 @_benchmark_option
-@click.option("--tasks", "n_tasks", type=int, default=20, show_default=True, help="Tasks judged repeatedly (stratified sample of those with a video).")
+@click.option(
+    "--tasks",
+    "n_tasks",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Tasks judged repeatedly (stratified sample of those with a video).",
+)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Judgements per task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @_judge_options
@@ -153,22 +203,35 @@ def agreement_command(**kw: Any) -> None:
     tasks = select_tasks(bench, indices=available, sample=kw["n_tasks"], seed=kw["seed"])
     out = kw["out"] or Path("runs") / f"{kw['model_name']}-agreement"
     result = run_eval(
-        bench, tasks, judge, out, kw["model_name"], videos_dir=kw["videos_dir"],
-        agreement_tasks=len(tasks), agreement_repeats=kw["repeats"], seed=kw["seed"],
+        bench,
+        tasks,
+        judge,
+        out,
+        kw["model_name"],
+        videos_dir=kw["videos_dir"],
+        agreement_tasks=len(tasks),
+        agreement_repeats=kw["repeats"],
+        seed=kw["seed"],
     )
     write_report(build_report(result, seed=kw["seed"]), out)
     for dim, a in (result.agreement or {}).items():
         kappa = "undefined" if a.kappa is None else f"{a.kappa:.3f}"
-        click.echo(f"{dim}: kappa {kappa}, agreement {a.percent_agreement:.1f} % over {a.n_items} items x {a.repeats} repeats")
+        click.echo(
+            f"{dim}: kappa {kappa}, agreement {a.percent_agreement:.1f} % over {a.n_items} items x {a.repeats} repeats"
+        )
 
 
 @eval_group.command("import-upstream")
 @click.argument("result_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model-name", help="Model name (default: from <model>_result.json).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default runs/<model>-upstream).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default runs/<model>-upstream)."
+)
 @_benchmark_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def import_command(result_file: Path, model_name: str | None, out: Path | None, benchmark: str | None, seed: int) -> None:
+def import_command(
+    result_file: Path, model_name: str | None, out: Path | None, benchmark: str | None, seed: int
+) -> None:
     """Rescore an upstream <model>_result.json with the faithful scorer."""
     _setup_logging(False)
     bench = load_benchmark(benchmark)
@@ -185,7 +248,9 @@ def import_command(result_file: Path, model_name: str | None, out: Path | None, 
 
 @eval_group.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also write compare.md and the charts here.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Also write compare.md and the charts here."
+)
 def compare_command(runs: tuple[Path, ...], out: Path | None) -> None:
     """Set runs (folders or report.json files) side by side."""
     try:

@@ -83,7 +83,9 @@ def fake_answer(prompt: str, seed: int | None) -> dict[str, Any]:
         scores = [s ^ (flips[k] < 26) for k, s in enumerate(scores)]
     return {
         "scores": scores,
-        "reasons": [f"criterion {k + 1} {'met' if s else 'not met'} in the sampled frames" for k, s in enumerate(scores)],
+        "reasons": [
+            f"criterion {k + 1} {'met' if s else 'not met'} in the sampled frames" for k, s in enumerate(scores)
+        ],
         "reasoning": "deterministic fake judgement",
     }
 
@@ -110,7 +112,16 @@ def create_app(state: FakeJudgeState) -> FastAPI:
         data = json.loads(body)
         for param in state.reject_params:
             if param in data:
-                return reply(400, {"error": {"message": f"Unsupported parameter: '{param}'", "type": "invalid_request_error", "param": param}})
+                return reply(
+                    400,
+                    {
+                        "error": {
+                            "message": f"Unsupported parameter: '{param}'",
+                            "type": "invalid_request_error",
+                            "param": param,
+                        }
+                    },
+                )
         with state.lock:
             fault = state.faults.popleft() if state.faults else None
             held = state.max_answers is not None and state.total_answered >= state.max_answers
@@ -124,7 +135,9 @@ def create_app(state: FakeJudgeState) -> FastAPI:
             return reply(500, {"error": {"message": "internal error"}}, {"retry-after-ms": "10"})
         messages = data.get("messages", [])
         first = messages[0]["content"] if messages else ""
-        prompt = next((p["text"] for p in first if p.get("type") == "text"), "") if isinstance(first, list) else str(first)
+        prompt = (
+            next((p["text"] for p in first if p.get("type") == "text"), "") if isinstance(first, list) else str(first)
+        )
         answer = fake_answer(prompt, data.get("seed"))
         if fault == "short":
             answer["scores"] = answer["scores"][:-1]
@@ -134,7 +147,11 @@ def create_app(state: FakeJudgeState) -> FastAPI:
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
         with state.lock:
             state.answered[key] += 1
-        n_images = sum(1 for p in first if isinstance(p, dict) and p.get("type") == "image_url") if isinstance(first, list) else 0
+        n_images = (
+            sum(1 for p in first if isinstance(p, dict) and p.get("type") == "image_url")
+            if isinstance(first, list)
+            else 0
+        )
         usage = {"prompt_tokens": len(prompt) // 4 + 85 * n_images, "completion_tokens": len(content) // 4}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return reply(
@@ -144,7 +161,9 @@ def create_app(state: FakeJudgeState) -> FastAPI:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": data.get("model", "fake-judge"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
                 "usage": usage,
             },
         )
@@ -169,7 +188,7 @@ class FakeJudgeServer:
         """OpenAI base URL (ends in ``/v1``)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeJudgeServer":
+    def start(self) -> FakeJudgeServer:
         """Start serving; returns once the server accepts connections."""
         self._thread.start()
         deadline = time.monotonic() + 15
@@ -186,7 +205,7 @@ class FakeJudgeServer:
         self._thread.join(timeout=10)
         self._socket.close()
 
-    def __enter__(self) -> "FakeJudgeServer":
+    def __enter__(self) -> FakeJudgeServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

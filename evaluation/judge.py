@@ -21,9 +21,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import av
 import openai
@@ -76,7 +77,7 @@ class JudgeConfig(BaseSettings):
     """USD per million completion tokens."""
 
     @classmethod
-    def from_env(cls) -> "JudgeConfig | None":
+    def from_env(cls) -> JudgeConfig | None:
         """The configuration from ``MICROVERSE_JUDGE_*`` variables, or None without a base URL."""
         config = cls()
         return config if config.base_url else None
@@ -127,7 +128,9 @@ def _encode_jpeg(image: Image.Image, max_side: int, quality: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def build_prompt(task: str, requirement: str, dimension: str, criteria: Sequence[Criterion], num_frames: int = 8) -> str:
+def build_prompt(
+    task: str, requirement: str, dimension: str, criteria: Sequence[Criterion], num_frames: int = 8
+) -> str:
     """The judge prompt for one dimension: task, requirements, numbered criteria, output format."""
     title = DIMENSION_TITLES[dimension]
     lines = [
@@ -160,7 +163,12 @@ def response_schema(n: int) -> dict[str, Any]:
             "schema": {
                 "type": "object",
                 "properties": {
-                    "scores": {"type": "array", "items": {"type": "integer", "enum": [0, 1]}, "minItems": n, "maxItems": n},
+                    "scores": {
+                        "type": "array",
+                        "items": {"type": "integer", "enum": [0, 1]},
+                        "minItems": n,
+                        "maxItems": n,
+                    },
                     "reasons": {"type": "array", "items": {"type": "string"}, "minItems": n, "maxItems": n},
                     "reasoning": {"type": "string"},
                 },
@@ -326,7 +334,12 @@ class VLMJudge:
         last_error = "no answer"
         while attempts <= self.config.max_reasks:
             images = [
-                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + _encode_jpeg(f, max_side, self.config.jpeg_quality)}}
+                {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": "data:image/jpeg;base64," + _encode_jpeg(f, max_side, self.config.jpeg_quality)
+                    },
+                }
                 for f in frames
             ]
             messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, *images]}, *followups]
@@ -366,5 +379,7 @@ class VLMJudge:
                     },
                 ]
                 continue
-            return Judgement(scores, reasons, reasoning, text, totals[0], totals[1], self._cost(totals[0], totals[1]), totals[2])
+            return Judgement(
+                scores, reasons, reasoning, text, totals[0], totals[1], self._cost(totals[0], totals[1]), totals[2]
+            )
         raise JudgeError(f"no valid answer after {attempts} request(s): {last_error}")

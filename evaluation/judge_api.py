@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -63,7 +64,7 @@ class JudgeRequest(BaseModel):
     video_url: str | None = Field(None, description="Public http(s) URL of an mp4.")
 
     @model_validator(mode="after")
-    def _one_of_each(self) -> "JudgeRequest":
+    def _one_of_each(self) -> JudgeRequest:
         if (self.task_index is None) == (self.rubric is None):
             raise ValueError("give exactly one of task_index and rubric")
         if sum(v is not None for v in (self.video_base64, self.job_id, self.video_url)) > 1:
@@ -110,7 +111,9 @@ class JudgeResponse(BaseModel):
 class JudgeService:
     """Judges single videos for the service; reuses a cache so repeated requests cost nothing."""
 
-    def __init__(self, config: JudgeConfig, benchmark: Benchmark | str | Path | None = None, cache_path: Path | None = None) -> None:
+    def __init__(
+        self, config: JudgeConfig, benchmark: Benchmark | str | Path | None = None, cache_path: Path | None = None
+    ) -> None:
         self.judge = VLMJudge(config)
         self._benchmark = benchmark
         self._cache = JudgementCache(cache_path) if cache_path else None
@@ -128,13 +131,17 @@ class JudgeService:
         if task_index is not None:
             task = self.benchmark.tasks.get(task_index)
             if task is None:
-                raise JudgeInputError("task_index", f"unknown task {task_index} (valid: 1..{max(self.benchmark.tasks)})", 404)
+                raise JudgeInputError(
+                    "task_index", f"unknown task {task_index} (valid: 1..{max(self.benchmark.tasks)})", 404
+                )
             return task
         if isinstance(rubric, dict):
             rubric = CustomRubric.model_validate(rubric)
         blocks = {d: getattr(rubric, f"rubrics_{d}") for d in DIMENSIONS}
         if all(b is None for b in blocks.values()):
-            raise JudgeInputError("rubric", "needs at least one of rubrics_scientific, rubrics_visual, rubrics_instruction")
+            raise JudgeInputError(
+                "rubric", "needs at least one of rubrics_scientific, rubrics_visual, rubrics_instruction"
+            )
         criteria: dict[str, tuple[Criterion, ...]] = {}
         for dim, block in blocks.items():
             if block is None:
@@ -175,16 +182,34 @@ class JudgeService:
             total_max += max_possible
             dims.append(
                 DimensionJudgement(
-                    dimension=dim, score=normalise(raw, max_possible), raw=raw, max=max_possible, reasoning=judgement.reasoning,
+                    dimension=dim,
+                    score=normalise(raw, max_possible),
+                    raw=raw,
+                    max=max_possible,
+                    reasoning=judgement.reasoning,
                     criteria=[
-                        CriterionJudgement(number=k, text=c.text, kind="positive" if c.sign > 0 else "penalty", weight=c.weight, judgement=x, reasoning=r)
-                        for k, (c, x, r) in enumerate(zip(criteria, judgement.scores, judgement.reasons), 1)
+                        CriterionJudgement(
+                            number=k,
+                            text=c.text,
+                            kind="positive" if c.sign > 0 else "penalty",
+                            weight=c.weight,
+                            judgement=x,
+                            reasoning=r,
+                        )
+                        for k, (c, x, r) in enumerate(zip(criteria, judgement.scores, judgement.reasons, strict=True), 1)
                     ],
                 )
             )
         return JudgeResponse(
-            task_index=task_index, judge_model=model, prompt_version=PROMPT_VERSION, video_sha256=sha, dimensions=dims,
-            task_score=normalise(total_raw, total_max), prompt_tokens=spent[0], completion_tokens=spent[1], cost_usd=spent[2],
+            task_index=task_index,
+            judge_model=model,
+            prompt_version=PROMPT_VERSION,
+            video_sha256=sha,
+            dimensions=dims,
+            task_score=normalise(total_raw, total_max),
+            prompt_tokens=spent[0],
+            completion_tokens=spent[1],
+            cost_usd=spent[2],
         )
 
     def handle(
@@ -200,7 +225,12 @@ class JudgeService:
         ``job_video`` maps a job id of the service to its finished mp4 (None if unknown or
         not finished).
         """
-        sources = [upload is not None, request.video_base64 is not None, request.job_id is not None, request.video_url is not None]
+        sources = [
+            upload is not None,
+            request.video_base64 is not None,
+            request.job_id is not None,
+            request.video_url is not None,
+        ]
         if sum(sources) != 1:
             raise JudgeInputError("video", "give exactly one of an uploaded file, video_base64, job_id, video_url", 400)
         if upload is not None:
@@ -259,7 +289,9 @@ def fetch_public_video(
     for _ in range(max_redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
-            raise JudgeInputError("video_url", f"only http and https URLs are fetched, not {parts.scheme or 'none'!r}", 400)
+            raise JudgeInputError(
+                "video_url", f"only http and https URLs are fetched, not {parts.scheme or 'none'!r}", 400
+            )
         if not parts.hostname or parts.username or parts.password:
             raise JudgeInputError("video_url", "URL needs a host and no credentials", 400)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -272,7 +304,9 @@ def fetch_public_video(
         host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
         try:
             with httpx.Client(timeout=remaining, follow_redirects=False) as client:
-                with client.stream("GET", pinned, headers={"Host": host_header}, extensions={"sni_hostname": parts.hostname}) as response:
+                with client.stream(
+                    "GET", pinned, headers={"Host": host_header}, extensions={"sni_hostname": parts.hostname}
+                ) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -24,7 +25,7 @@ from .scoring import Stat
 logger = logging.getLogger(__name__)
 
 PUBLISHED: dict[str, dict[str, float]] = {
-    name: dict(zip(("average", *LEVELS, *DIMENSIONS), values))
+    name: dict(zip(("average", *LEVELS, *DIMENSIONS), values, strict=True))
     for name, values in {
         "HunyuanVideo": (23.2, 23.1, 23.8, 19.4, 15.6, 48.2, 23.4),
         "CogVideoX-5B": (43.5, 39.9, 47.0, 38.6, 37.4, 64.1, 38.6),
@@ -55,7 +56,7 @@ def build_report(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> 
         "judge_model": result.judge_model,
         "prompt_version": PROMPT_VERSION,
         "benchmark_source": result.benchmark_source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "overall": _stat(summary.overall),
         "by_level": {lv: _stat(s) for lv, s in summary.by_level.items()},
         "by_dimension": {d: _stat(s) for d, s in summary.by_dimension.items()},
@@ -69,7 +70,13 @@ def build_report(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> 
         "agreement": {d: asdict(a) for d, a in result.agreement.items()} if result.agreement else None,
         "cost": usage_dict(result),
         "tasks": [
-            {"index": s.index, "level": s.level, "score": s.score, "dimensions": dict(s.dimensions), "missing": list(s.missing)}
+            {
+                "index": s.index,
+                "level": s.level,
+                "score": s.score,
+                "dimensions": dict(s.dimensions),
+                "missing": list(s.missing),
+            }
             for s in result.scores
         ],
     }
@@ -98,9 +105,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| Model | Average | " + " | ".join(LEVELS) + " |",
         "|---|---|" + "---|" * len(LEVELS),
         f"| **{report['model']}** | {_fmt(report['overall'])} | "
-        + " | ".join(_fmt(report["by_level"][lv]) for lv in LEVELS) + " |",
+        + " | ".join(_fmt(report["by_level"][lv]) for lv in LEVELS)
+        + " |",
     ]
-    lines += [f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | " + " | ".join(f"{PUBLISHED[m][lv]:.1f}" for lv in LEVELS) + " |" for m in REFERENCE_MODELS]
+    lines += [
+        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
+        + " | ".join(f"{PUBLISHED[m][lv]:.1f}" for lv in LEVELS)
+        + " |"
+        for m in REFERENCE_MODELS
+    ]
     lines += [
         "",
         "## Table 2: average and dimensions (95 % bootstrap CI)",
@@ -108,9 +121,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| Model | Average | " + " | ".join(DIMENSION_TITLES[d] for d in DIMENSIONS) + " |",
         "|---|---|" + "---|" * len(DIMENSIONS),
         f"| **{report['model']}** | {_fmt(report['overall'])} | "
-        + " | ".join(_fmt(report["by_dimension"][d]) for d in DIMENSIONS) + " |",
+        + " | ".join(_fmt(report["by_dimension"][d]) for d in DIMENSIONS)
+        + " |",
     ]
-    lines += [f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | " + " | ".join(f"{PUBLISHED[m][d]:.1f}" for d in DIMENSIONS) + " |" for m in REFERENCE_MODELS]
+    lines += [
+        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
+        + " | ".join(f"{PUBLISHED[m][d]:.1f}" for d in DIMENSIONS)
+        + " |"
+        for m in REFERENCE_MODELS
+    ]
     lines += [
         "",
         "## Coverage",
@@ -119,21 +138,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(tasks per level: " + ", ".join(f"{lv} {report['by_level'][lv]['n']}" for lv in LEVELS) + ")",
         f"- Partial tasks (a dimension without a valid judgement; excluded from every average): {len(cov['partial'])}"
         + (": " + ", ".join(f"{i} ({'/'.join(m)})" for i, m in cov["partial"].items()) if cov["partial"] else ""),
-        f"- Tasks without a video: {len(cov['missing_videos'])}" + (f": {cov['missing_videos']}" if cov["missing_videos"] else ""),
+        f"- Tasks without a video: {len(cov['missing_videos'])}"
+        + (f": {cov['missing_videos']}" if cov["missing_videos"] else ""),
         "- Anomalies found: " + (", ".join(f"{k} × {v}" for k, v in sorted(cov["anomalies"].items())) or "none"),
     ]
     if report.get("agreement"):
-        lines += ["", "## Judge agreement", "", "| Dimension | Cohen's kappa (mean pairwise) | Percent agreement | Items | Repeats |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Judge agreement",
+            "",
+            "| Dimension | Cohen's kappa (mean pairwise) | Percent agreement | Items | Repeats |",
+            "|---|---|---|---|---|",
+        ]
         for d in DIMENSIONS:
             a = report["agreement"][d]
             kappa = "–" if a["kappa"] is None else f"{a['kappa']:.3f}"
-            lines.append(f"| {DIMENSION_TITLES[d]} | {kappa} | {a['percent_agreement']:.1f} % | {a['n_items']} | {a['repeats']} |")
+            lines.append(
+                f"| {DIMENSION_TITLES[d]} | {kappa} | {a['percent_agreement']:.1f} % | {a['n_items']} | {a['repeats']} |"
+            )
     cost = report["cost"]
     lines += [
         "",
         "## Cost",
         "",
-        f"- This run: {cost['requests']} judge requests, {cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion tokens, "
+        f"- This run: {cost['requests']} judge requests, {cost['prompt_tokens']} prompt + "
+        f"{cost['completion_tokens']} completion tokens, "
         f"${cost['cost_usd']:.4f}",
         f"- All judgements used (cached ones included): ${cost['cost_usd_total']:.4f}",
         "",
@@ -144,7 +173,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _bar_chart(path: Path, title: str, groups: Sequence[str], series: dict[str, list[float | None]], errors: dict[str, list[tuple[float, float]] | None]) -> None:
+def _bar_chart(
+    path: Path,
+    title: str,
+    groups: Sequence[str],
+    series: dict[str, list[float | None]],
+    errors: dict[str, list[tuple[float, float]] | None],
+) -> None:
     fig = Figure(figsize=(9, 4.5), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(series))
@@ -153,7 +188,16 @@ def _bar_chart(path: Path, title: str, groups: Sequence[str], series: dict[str, 
         heights = [v if v is not None else 0.0 for v in values]
         err = errors.get(name)
         yerr = [[lo for lo, _ in err], [hi for _, hi in err]] if err else None
-        ax.bar(xs, heights, width, label=name, yerr=yerr, capsize=3, hatch=None if err else "//", alpha=1.0 if err else 0.55)
+        ax.bar(
+            xs,
+            heights,
+            width,
+            label=name,
+            yerr=yerr,
+            capsize=3,
+            hatch=None if err else "//",
+            alpha=1.0 if err else 0.55,
+        )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 100)
     ax.set_ylabel("score")
@@ -170,7 +214,8 @@ def _series(reports: Sequence[dict[str, Any]], section: str, keys: Sequence[str]
         stats = [rep["overall"] if k == "average" else rep[section][k] for k in keys]
         series[rep["model"]] = [s["mean"] for s in stats]
         errors[rep["model"]] = [
-            (s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) if s["ci_low"] is not None else (0.0, 0.0) for s in stats
+            (s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) if s["ci_low"] is not None else (0.0, 0.0)
+            for s in stats
         ]
     for m in references:
         series[f"{m} (published)"] = [PUBLISHED[m][k] for k in keys]
@@ -178,13 +223,20 @@ def _series(reports: Sequence[dict[str, Any]], section: str, keys: Sequence[str]
     return series, errors
 
 
-def plot_reports(reports: Sequence[dict[str, Any]], out_dir: Path, references: Sequence[str] = REFERENCE_MODELS) -> list[Path]:
+def plot_reports(
+    reports: Sequence[dict[str, Any]], out_dir: Path, references: Sequence[str] = REFERENCE_MODELS
+) -> list[Path]:
     """Bar charts by level and by dimension, with the published models as reference bars."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, section, keys, labels in (
         ("by_level.png", "by_level", ("average", *LEVELS), ("Average", *LEVELS)),
-        ("by_dimension.png", "by_dimension", ("average", *DIMENSIONS), ("Average", *(DIMENSION_TITLES[d] for d in DIMENSIONS))),
+        (
+            "by_dimension.png",
+            "by_dimension",
+            ("average", *DIMENSIONS),
+            ("Average", *(DIMENSION_TITLES[d] for d in DIMENSIONS)),
+        ),
     ):
         series, errors = _series(reports, section, keys, references)
         path = out_dir / name
@@ -216,19 +268,30 @@ def load_report(path: Path) -> dict[str, Any]:
 
 def compare_markdown(reports: Sequence[dict[str, Any]]) -> str:
     """Runs side by side: both tables, coverage and cost."""
-    head = "| Run | Judge | Valid | Average | " + " | ".join(LEVELS) + " | " + " | ".join(DIMENSION_TITLES[d] for d in DIMENSIONS) + " | Cost (USD) |"
+    head = (
+        "| Run | Judge | Valid | Average | "
+        + " | ".join(LEVELS)
+        + " | "
+        + " | ".join(DIMENSION_TITLES[d] for d in DIMENSIONS)
+        + " | Cost (USD) |"
+    )
     lines = ["# MicroWorldBench comparison", "", head, "|" + "---|" * (5 + len(LEVELS) + len(DIMENSIONS))]
     for rep in reports:
         cov = rep["coverage"]
         lines.append(
             f"| {rep['model']} | {rep['judge_model']} | {cov['valid']}/{cov['selected']} | {_fmt(rep['overall'])} | "
-            + " | ".join(_fmt(rep["by_level"][lv]) for lv in LEVELS) + " | "
-            + " | ".join(_fmt(rep["by_dimension"][d]) for d in DIMENSIONS) + f" | {rep['cost']['cost_usd_total']:.4f} |"
+            + " | ".join(_fmt(rep["by_level"][lv]) for lv in LEVELS)
+            + " | "
+            + " | ".join(_fmt(rep["by_dimension"][d]) for d in DIMENSIONS)
+            + f" | {rep['cost']['cost_usd_total']:.4f} |"
         )
     for m in REFERENCE_MODELS:
         p = PUBLISHED[m]
         lines.append(
-            f"| {m} (published) | – | 459 | {p['average']:.1f} | " + " | ".join(f"{p[lv]:.1f}" for lv in LEVELS) + " | "
-            + " | ".join(f"{p[d]:.1f}" for d in DIMENSIONS) + " | – |"
+            f"| {m} (published) | – | 459 | {p['average']:.1f} | "
+            + " | ".join(f"{p[lv]:.1f}" for lv in LEVELS)
+            + " | "
+            + " | ".join(f"{p[d]:.1f}" for d in DIMENSIONS)
+            + " | – |"
         )
     return "\n".join(lines) + "\n"

@@ -13,10 +13,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import openai
 from tqdm import tqdm
@@ -70,7 +71,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def generate_videos(tasks: Sequence[Task], config: GenerationConfig, out_dir: Path, cache: JudgementCache) -> dict[int, Path]:
+def generate_videos(
+    tasks: Sequence[Task], config: GenerationConfig, out_dir: Path, cache: JudgementCache
+) -> dict[int, Path]:
     """Generate the videos of ``tasks`` not yet in ``out_dir``; returns the videos that exist."""
     out_dir.mkdir(parents=True, exist_ok=True)
     client = openai.OpenAI(base_url=config.base_url(), api_key=config.api_key)
@@ -80,7 +83,11 @@ def generate_videos(tasks: Sequence[Task], config: GenerationConfig, out_dir: Pa
         "guidance_scale": config.guidance_scale,
         "negative_prompt": config.negative_prompt,
     }
-    options = {k: v for k, v in {"model": config.model, "size": config.size, "seconds": config.seconds}.items() if v is not None}
+    options = {
+        k: v
+        for k, v in {"model": config.model, "size": config.size, "seconds": config.seconds}.items()
+        if v is not None
+    }
     videos: dict[int, Path] = {}
     for task in tqdm(tasks, desc="generating videos", unit="video"):
         path = out_dir / f"{task.index}.mp4"
@@ -238,20 +245,21 @@ def run_eval(
             videos = folder_videos(tasks, videos_dir)
         repeats: dict[int, int] = {}
         if agreement_tasks:
-            subset = select_tasks(bench, indices=[t.index for t in tasks if t.index in videos], sample=agreement_tasks, seed=seed)
+            subset = select_tasks(
+                bench, indices=[t.index for t in tasks if t.index in videos], sample=agreement_tasks, seed=seed
+            )
             repeats = {t.index: agreement_repeats for t in subset}
         found = judge_videos(tasks, videos, judge, cache, repeats)
     finally:
         cache.close()
-    judgements = {
-        t.index: {d: found[(t.index, d, 0)] for d in DIMENSIONS if (t.index, d, 0) in found} for t in tasks
-    }
+    judgements = {t.index: {d: found[(t.index, d, 0)] for d in DIMENSIONS if (t.index, d, 0) in found} for t in tasks}
     scores = [score_task(t, {d: j.scores for d, j in judgements[t.index].items()}) for t in tasks]
     agree = None
     if repeats:
         complete = [i for i, k in repeats.items() if all((i, d, r) in found for d in DIMENSIONS for r in range(k))]
         agree = {
-            d: agreement([[found[(i, d, r)].scores for i in complete] for r in range(agreement_repeats)]) for d in DIMENSIONS
+            d: agreement([[found[(i, d, r)].scores for i in complete] for r in range(agreement_repeats)])
+            for d in DIMENSIONS
         }
     return EvalResult(
         model_name=model_name,
@@ -305,7 +313,13 @@ def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int,
     for item in data:
         index = item.get("index") if isinstance(item, dict) else None
         if index not in bench.tasks:
-            anomalies.append(Anomaly("unknown_task", f"result for unknown task {index!r} ignored", index if isinstance(index, int) else None))
+            anomalies.append(
+                Anomaly(
+                    "unknown_task",
+                    f"result for unknown task {index!r} ignored",
+                    index if isinstance(index, int) else None,
+                )
+            )
             continue
         task = bench.tasks[index]
         tasks.append(task)
@@ -324,11 +338,18 @@ def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int,
                     anomalies.append(Anomaly("missing_dimension", f"task {index} {dim}: no judgement", index, dim))
                     continue
             except ValueError as exc:
-                anomalies.append(Anomaly("invalid_judgement", f"task {index} {dim}: {exc}; treated as missing", index, dim))
+                anomalies.append(
+                    Anomaly("invalid_judgement", f"task {index} {dim}: {exc}; treated as missing", index, dim)
+                )
                 continue
             if (index, dim) in renumbered:
                 anomalies.append(
-                    Anomaly("judged_without_criteria", f"task {index} {dim}: upstream prompt omitted the d11..d55 criteria", index, dim)
+                    Anomaly(
+                        "judged_without_criteria",
+                        f"task {index} {dim}: upstream prompt omitted the d11..d55 criteria",
+                        index,
+                        dim,
+                    )
                 )
             judgements[index][dim] = scores
     return tasks, judgements, anomalies

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import bootstrap
@@ -39,7 +39,7 @@ def dimension_raw(criteria: Sequence[Criterion], judgements: Sequence[int]) -> t
         raise ValueError(f"{len(judgements)} judgements for {len(criteria)} criteria")
     if any(x not in (0, 1) for x in judgements):
         raise ValueError(f"judgements must be 0 or 1, got {list(judgements)}")
-    raw = sum(x * c.sign * c.weight for x, c in zip(judgements, criteria))
+    raw = sum(x * c.sign * c.weight for x, c in zip(judgements, criteria, strict=True))
     max_possible = sum(c.weight for c in criteria if c.sign > 0)
     return float(raw), float(max_possible)
 
@@ -144,7 +144,9 @@ class Summary:
     """Missing dimensions of each partial task."""
 
 
-def summarize(scores: Sequence[TaskScore], n_selected: int | None = None, n_resamples: int = 2000, seed: int = 0) -> Summary:
+def summarize(
+    scores: Sequence[TaskScore], n_selected: int | None = None, n_resamples: int = 2000, seed: int = 0
+) -> Summary:
     """Aggregate task scores; partial tasks are excluded from every mean and listed."""
     valid = [s for s in scores if s.valid]
     return Summary(
@@ -178,7 +180,9 @@ def agreement(repeats: Sequence[Sequence[Sequence[int]]]) -> Agreement:
     """
     if len(repeats) < 2:
         raise ValueError("agreement needs at least 2 repeats")
-    flat = [np.concatenate([np.asarray(t, dtype=int) for t in rep]) if len(rep) else np.zeros(0, int) for rep in repeats]
+    flat = [
+        np.concatenate([np.asarray(t, dtype=int) for t in rep]) if len(rep) else np.zeros(0, int) for rep in repeats
+    ]
     if len({f.size for f in flat}) != 1:
         raise ValueError("repeats must judge the same items")
     matrix = np.vstack(flat)

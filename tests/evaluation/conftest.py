@@ -59,8 +59,14 @@ def fake_judge():
 
 @pytest.fixture()
 def judge_config(fake_judge: FakeJudgeServer) -> JudgeConfig:
-    return JudgeConfig(base_url=fake_judge.base_url, api_key="test", model="fake-judge", max_retries=3,
-                       price_input_per_mtok=2.5, price_output_per_mtok=10.0)
+    return JudgeConfig(
+        base_url=fake_judge.base_url,
+        api_key="test",
+        model="fake-judge",
+        max_retries=3,
+        price_input_per_mtok=2.5,
+        price_output_per_mtok=10.0,
+    )
 
 
 @pytest.fixture()

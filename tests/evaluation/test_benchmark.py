@@ -27,7 +27,11 @@ def test_all_tasks_load_with_known_defects_reported_once(bench):
     # one record per (task, dimension, kind): nothing reported twice
     keys = [(a.kind, a.index, a.dimension) for a in bench.anomalies]
     assert len(keys) == len(set(keys))
-    assert Counter(t.level for t in bench.tasks.values()) == {"Cellular-level": 238, "Organ-level": 189, "Subcellular-level": 32}
+    assert Counter(t.level for t in bench.tasks.values()) == {
+        "Cellular-level": 238,
+        "Organ-level": 189,
+        "Subcellular-level": 32,
+    }
 
 
 def test_tasks_carry_text_and_norm_weights(bench, bench_dir):
@@ -37,7 +41,9 @@ def test_tasks_carry_text_and_norm_weights(bench, bench_dir):
     assert task.task == raw[1]["task"] and task.task.startswith("Within the human brain vasculature")
     assert task.requirement == raw[1]["requirement"]
     # weights are the norm file's (w1 is the number 1.0 there, the string "2.0" in the raw file)
-    assert [c.weight for c in task.rubrics["scientific"]] == [float(norm[1]["rubrics_scientific"][f"w{k}"]) for k in range(1, 6)]
+    assert [c.weight for c in task.rubrics["scientific"]] == [
+        float(norm[1]["rubrics_scientific"][f"w{k}"]) for k in range(1, 6)
+    ]
     assert raw[1]["rubrics_scientific"]["w1"] == "2.0" and task.rubrics["scientific"][0].weight == 1.0
     # renumbered block (task 2 instruction uses d11..d55) keeps order and texts
     block = norm[2]["rubrics_instruction"]

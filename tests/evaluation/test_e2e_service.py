@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 
 import openai
 import pytest
@@ -15,9 +21,29 @@ from evaluation.judge_api import JudgeRequest, JudgeService
 @pytest.mark.slow
 def test_eval_run_against_the_service(microverse_server, fake_judge, judge_config, bench, tmp_path, bench_dir):
     out = tmp_path / "run"
-    args = ["run", "--endpoint", microverse_server, "--model-name", "microverse-tiny", "--out", str(out),
-            "--benchmark", str(bench_dir), "--judge-base-url", fake_judge.base_url, "--judge-model", "fake-judge",
-            "--limit", "6", "--size", "64x64", "--num-frames", "9", "--steps", "2"]
+    args = [
+        "run",
+        "--endpoint",
+        microverse_server,
+        "--model-name",
+        "microverse-tiny",
+        "--out",
+        str(out),
+        "--benchmark",
+        str(bench_dir),
+        "--judge-base-url",
+        fake_judge.base_url,
+        "--judge-model",
+        "fake-judge",
+        "--limit",
+        "6",
+        "--size",
+        "64x64",
+        "--num-frames",
+        "9",
+        "--steps",
+        "2",
+    ]
     client = openai.OpenAI(base_url=microverse_server + "/v1", api_key="EMPTY")
     jobs_before = len(client.videos.list(limit=100).data)
 
@@ -51,3 +77,65 @@ def test_eval_run_against_the_service(microverse_server, fake_judge, judge_confi
     assert [d.dimension for d in response.dimensions] == ["scientific", "visual", "instruction"]
     assert all(len(d.criteria) == 5 and all(c.reasoning for c in d.criteria) for d in response.dimensions)
     assert 0 <= response.task_score <= 100
+
+
+@pytest.mark.slow
+def test_killed_generation_resumes_its_job_and_regenerates_nothing(microverse_server, fake_judge, tmp_path, bench_dir):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "evaluation",
+        "run",
+        "--endpoint",
+        microverse_server,
+        "--model-name",
+        "resume",
+        "--out",
+        str(out),
+        "--benchmark",
+        str(bench_dir),
+        "--judge-base-url",
+        fake_judge.base_url,
+        "--index",
+        "10,11,12",
+        "--size",
+        "64x64",
+        "--num-frames",
+        "9",
+        "--steps",
+        "2",
+        "--gen-seed",
+        "5",
+    ]
+    client = openai.OpenAI(base_url=microverse_server + "/v1", api_key="EMPTY")
+    before = {j.id for j in client.videos.list(limit=100).data}
+
+    def pending_job() -> bool:
+        try:
+            with sqlite3.connect(out / "cache.sqlite", timeout=1) as con:
+                return con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] > 0
+        except sqlite3.OperationalError:
+            return False
+
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "videos" / "10.mp4").exists() and pending_job()):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "first video never finished"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    created = [j for j in client.videos.list(limit=100).data if j.id not in before]
+    assert len(created) == 3  # the job in flight at the kill was polled again, not re-submitted
+    assert sorted(j.seed for j in created) == [15, 16, 17]
+    assert json.loads((out / "report.json").read_text())["coverage"]["valid"] == 3
+    assert fake_judge.state.total_answered == 9 and fake_judge.state.duplicates == 0

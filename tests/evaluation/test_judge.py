@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from evaluation.fake_judge import fake_answer
-from evaluation.judge import JudgeConfig, JudgeError, VLMJudge, VideoError, build_prompt, frame_positions, parse_answer, sample_frames
+from evaluation.judge import (
+    JudgeConfig,
+    JudgeError,
+    VideoError,
+    VLMJudge,
+    build_prompt,
+    frame_positions,
+    parse_answer,
+    sample_frames,
+)
 
 
 def test_frame_positions_as_published():
@@ -42,7 +51,11 @@ def test_prompt_holds_task_requirement_and_every_criterion(bench):
 
 
 def test_parse_answer_is_tolerant_but_strict_on_length():
-    assert parse_answer('```json\n{"scores": [1, "0", true], "reasoning": "ok"}\n```', 3) == ([1, 0, 1], ["", "", ""], "ok")
+    assert parse_answer('```json\n{"scores": [1, "0", true], "reasoning": "ok"}\n```', 3) == (
+        [1, 0, 1],
+        ["", "", ""],
+        "ok",
+    )
     text = 'Sure! {"scores": [0, 1], "reasons": ["a", "b"], "reasoning": "r"} Hope this helps.'
     assert parse_answer(text, 2) == ([0, 1], ["a", "b"], "r")
     with pytest.raises(ValueError, match="2 scores for 3"):
@@ -120,7 +133,12 @@ def test_judge_concurrency_and_rpm_limits(fake_judge, judge_config, frames, benc
     judge = VLMJudge(judge_config.model_copy(update={"concurrency": 2}))
     started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda d: judge.judge(frames, task.task, task.requirement, d, task.rubrics[d]), ["scientific", "visual", "instruction", "visual"]))
+        list(
+            pool.map(
+                lambda d: judge.judge(frames, task.task, task.requirement, d, task.rubrics[d]),
+                ["scientific", "visual", "instruction", "visual"],
+            )
+        )
     assert time.monotonic() - started >= 0.4  # 4 calls of 0.2 s, at most 2 at a time
     fake_judge.state.delay_s = 0.0
     limited = VLMJudge(judge_config.model_copy(update={"rpm": 600}))  # one start per 0.1 s
@@ -137,7 +155,12 @@ def test_config_from_env(monkeypatch):
     monkeypatch.setenv("MICROVERSE_JUDGE_MODEL", "Qwen/Qwen2.5-VL-7B-Instruct")
     monkeypatch.setenv("MICROVERSE_JUDGE_RPM", "30")
     config = JudgeConfig.from_env()
-    assert (config.base_url, config.model, config.rpm, config.api_key) == ("http://127.0.0.1:9/v1", "Qwen/Qwen2.5-VL-7B-Instruct", 30, "EMPTY")
+    assert (config.base_url, config.model, config.rpm, config.api_key) == (
+        "http://127.0.0.1:9/v1",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        30,
+        "EMPTY",
+    )
     with pytest.raises(ValueError, match="base_url"):
         VLMJudge(JudgeConfig(base_url=""))
     assert json.loads(config.model_dump_json())["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"

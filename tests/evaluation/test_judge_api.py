@@ -26,7 +26,11 @@ def video_bytes(tmp_path, make_video):
 
 def test_task_judgement_is_full_and_cached(service, video_bytes, fake_judge, bench):
     response = service.judge_video(video_bytes, task_index=277)
-    assert response.task_index == 277 and [d.dimension for d in response.dimensions] == ["scientific", "visual", "instruction"]
+    assert response.task_index == 277 and [d.dimension for d in response.dimensions] == [
+        "scientific",
+        "visual",
+        "instruction",
+    ]
     instruction = response.dimensions[2]
     assert len(instruction.criteria) == 4  # the published 4-criterion block
     for dim in response.dimensions:
@@ -43,8 +47,11 @@ def test_task_judgement_is_full_and_cached(service, video_bytes, fake_judge, ben
 
 
 def test_custom_rubric_and_request_sources(service, video_bytes, tmp_path):
-    rubric = {"task": "A cell divides.", "requirement": "Show mitosis.",
-              "rubrics_visual": {"d1": "Sharp frames", "s1": "+1", "w1": "1.0", "d2": "Flicker", "s2": "-1", "w2": 0.5}}
+    rubric = {
+        "task": "A cell divides.",
+        "requirement": "Show mitosis.",
+        "rubrics_visual": {"d1": "Sharp frames", "s1": "+1", "w1": "1.0", "d2": "Flicker", "s2": "-1", "w2": 0.5},
+    }
     request = JudgeRequest(rubric=rubric, video_base64=base64.b64encode(video_bytes).decode())
     response = service.handle(request)
     assert response.task_index is None and [d.dimension for d in response.dimensions] == ["visual"]
@@ -92,9 +99,19 @@ def test_bad_video_input(service, fake_judge):
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://example.com/a.mp4", "http://127.0.0.1/a.mp4", "http://localhost:8000/a.mp4",
-     "http://10.1.2.3/a.mp4", "http://169.254.169.254/latest/meta-data", "http://[::1]/a.mp4", "http://0.0.0.0/",
-     "http://224.0.0.1/a.mp4", "http://user:pw@93.184.216.34/a.mp4", "gopher://x"],
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/a.mp4",
+        "http://127.0.0.1/a.mp4",
+        "http://localhost:8000/a.mp4",
+        "http://10.1.2.3/a.mp4",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/a.mp4",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/a.mp4",
+        "http://user:pw@93.184.216.34/a.mp4",
+        "gopher://x",
+    ],
 )
 def test_forbidden_urls(service, url):
     with pytest.raises(JudgeInputError) as err:
@@ -104,8 +121,20 @@ def test_forbidden_urls(service, url):
 
 def test_public_address_rules():
     assert is_public_address(ipaddress.ip_address("93.184.216.34"))
-    for private in ("127.0.0.1", "10.0.0.1", "192.168.1.1", "172.16.0.1", "169.254.1.1", "100.64.0.1", "::1",
-                    "fe80::1", "fc00::1", "::ffff:127.0.0.1", "240.0.0.1", "ff02::1"):
+    for private in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "192.168.1.1",
+        "172.16.0.1",
+        "169.254.1.1",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "240.0.0.1",
+        "ff02::1",
+    ):
         assert not is_public_address(ipaddress.ip_address(private)), private
 
 

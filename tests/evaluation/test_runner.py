@@ -22,9 +22,28 @@ INDICES = "1,2,3,60,277,319"
 
 
 def _run_args(fake_judge, videos_dir, out, bench_dir, *extra):
-    return ["run", "--videos", str(videos_dir), "--model-name", "tiny", "--out", str(out), "--benchmark", str(bench_dir),
-            "--judge-base-url", fake_judge.base_url, "--judge-model", "fake-judge", "--index", INDICES,
-            "--price-input", "2.5", "--price-output", "10", *extra]
+    return [
+        "run",
+        "--videos",
+        str(videos_dir),
+        "--model-name",
+        "tiny",
+        "--out",
+        str(out),
+        "--benchmark",
+        str(bench_dir),
+        "--judge-base-url",
+        fake_judge.base_url,
+        "--judge-model",
+        "fake-judge",
+        "--index",
+        INDICES,
+        "--price-input",
+        "2.5",
+        "--price-output",
+        "10",
+        *extra,
+    ]
 
 
 def _table_rows(markdown: str, header: str) -> list[str]:
@@ -49,7 +68,9 @@ def test_cli_run_writes_reports_and_resumes_from_cache(fake_judge, videos_dir, t
     table1 = _table_rows(md, "## Table 1")
     table2 = _table_rows(md, "## Table 2")
     assert "Organ-level" in table1[0] and "Scientific Accuracy" in table2[0]
-    assert any(r.startswith("| **tiny** |") for r in table1) and any(r.startswith("| Veo3 (published) | 77.2 |") for r in table2)
+    assert any(r.startswith("| **tiny** |") for r in table1) and any(
+        r.startswith("| Veo3 (published) | 77.2 |") for r in table2
+    )
     assert "Valid tasks: 6 / 6" in md
     for name in ("by_level.png", "by_dimension.png"):
         with Image.open(out / name) as image:
@@ -62,7 +83,9 @@ def test_cli_run_writes_reports_and_resumes_from_cache(fake_judge, videos_dir, t
     assert fake_judge.state.total_answered == 18  # everything came from the cache
     assert json.loads((out / "report.json").read_text())["overall"]["mean"] == pytest.approx(report["overall"]["mean"])
 
-    compared = CliRunner().invoke(eval_group, ["compare", str(out), str(out / "report.json"), "--out", str(tmp_path / "cmp")])
+    compared = CliRunner().invoke(
+        eval_group, ["compare", str(out), str(out / "report.json"), "--out", str(tmp_path / "cmp")]
+    )
     assert compared.exit_code == 0, compared.output
     assert compared.output.count("| tiny | fake-judge | 6/6 |") == 2 and "| Veo3 (published) |" in compared.output
     assert (tmp_path / "cmp" / "by_level.png").is_file()
@@ -75,7 +98,17 @@ def test_upstream_export_imports_and_rescores_identically(fake_judge, videos_dir
     original = json.loads((out / "report.json").read_text())
     assert rescored.model_name == "tiny"
     assert [s.score for s in rescored.scores] == pytest.approx([t["score"] for t in original["tasks"]])
-    cli = CliRunner().invoke(eval_group, ["import-upstream", str(out / "tiny_result.json"), "--benchmark", str(bench_dir), "--out", str(tmp_path / "imp")])
+    cli = CliRunner().invoke(
+        eval_group,
+        [
+            "import-upstream",
+            str(out / "tiny_result.json"),
+            "--benchmark",
+            str(bench_dir),
+            "--out",
+            str(tmp_path / "imp"),
+        ],
+    )
     assert cli.exit_code == 0, cli.output
     imported = json.loads((tmp_path / "imp" / "report.json").read_text())
     assert imported["overall"]["mean"] == pytest.approx(original["overall"]["mean"])
@@ -86,10 +119,19 @@ def test_upstream_defects_are_reported_not_scored_as_zero(tmp_path, bench):
     items = [
         {"index": 1, "scientific_eval": five, "visual_eval": five, "instruction_eval": five},
         # short answer upstream would inflate: here the dimension is missing and the task partial
-        {"index": 3, "scientific_eval": five, "visual_eval": {"parsed_result": {"scores": [1, 1]}}, "instruction_eval": five},
+        {
+            "index": 3,
+            "scientific_eval": five,
+            "visual_eval": {"parsed_result": {"scores": [1, 1]}},
+            "instruction_eval": five,
+        },
         # parse failure upstream (parsed_result null) is re-parsed from the raw response
-        {"index": 4, "scientific_eval": five, "visual_eval": {"raw_response": "```json\n{\"scores\": [1,0,1,0,0]}\n```", "parsed_result": None},
-         "instruction_eval": five},
+        {
+            "index": 4,
+            "scientific_eval": five,
+            "visual_eval": {"raw_response": '```json\n{"scores": [1,0,1,0,0]}\n```', "parsed_result": None},
+            "instruction_eval": five,
+        },
         # task 2's instruction block is numbered d11..d55: upstream scored it 0, here it is scored and flagged
         {"index": 2, "scientific_eval": five, "visual_eval": five, "instruction_eval": five},
         {"index": 999, "scientific_eval": five},
@@ -113,9 +155,13 @@ def test_upstream_defects_are_reported_not_scored_as_zero(tmp_path, bench):
 def test_cli_rejects_bad_input(fake_judge, videos_dir, tmp_path, bench_dir, monkeypatch):
     monkeypatch.delenv("MICROVERSE_JUDGE_BASE_URL", raising=False)
     runner = CliRunner()
-    no_judge = runner.invoke(eval_group, ["run", "--videos", str(videos_dir), "--model-name", "m", "--benchmark", str(bench_dir)])
+    no_judge = runner.invoke(
+        eval_group, ["run", "--videos", str(videos_dir), "--model-name", "m", "--benchmark", str(bench_dir)]
+    )
     assert no_judge.exit_code == 2 and "MICROVERSE_JUDGE_BASE_URL" in no_judge.output
-    both = runner.invoke(eval_group, _run_args(fake_judge, videos_dir, tmp_path / "o", bench_dir, "--endpoint", "http://x"))
+    both = runner.invoke(
+        eval_group, _run_args(fake_judge, videos_dir, tmp_path / "o", bench_dir, "--endpoint", "http://x")
+    )
     assert both.exit_code == 2 and "exactly one of --endpoint and --videos" in both.output
     unknown = runner.invoke(eval_group, _run_args(fake_judge, videos_dir, tmp_path / "o", bench_dir, "--index", "999"))
     assert unknown.exit_code == 2 and "unknown task" in unknown.output
@@ -136,8 +182,23 @@ def test_missing_videos_and_failed_dimensions_lower_coverage(fake_judge, videos_
 
 
 def test_agreement_command(fake_judge, videos_dir, tmp_path, bench_dir):
-    args = ["agreement", "--videos", str(videos_dir), "--model-name", "tiny", "--out", str(tmp_path / "agr"),
-            "--benchmark", str(bench_dir), "--judge-base-url", fake_judge.base_url, "--tasks", "4", "--repeats", "3"]
+    args = [
+        "agreement",
+        "--videos",
+        str(videos_dir),
+        "--model-name",
+        "tiny",
+        "--out",
+        str(tmp_path / "agr"),
+        "--benchmark",
+        str(bench_dir),
+        "--judge-base-url",
+        fake_judge.base_url,
+        "--tasks",
+        "4",
+        "--repeats",
+        "3",
+    ]
     result = CliRunner().invoke(eval_group, args)
     assert result.exit_code == 0, result.output
     assert fake_judge.state.total_answered == 4 * 3 * 3
@@ -163,7 +224,9 @@ def test_killed_run_resumes_without_duplicate_judge_calls(fake_judge, videos_dir
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "evaluation", *_run_args(fake_judge, videos_dir, out, bench_dir, "--concurrency", "3")]
     fake_judge.state.max_answers = 7  # answer 7 calls, then hold the ones in flight
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while _cache_rows(out / "cache.sqlite") < 7:

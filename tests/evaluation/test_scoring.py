@@ -16,7 +16,10 @@ N = lambda w: Criterion("penalty", -1, w)  # noqa: E731
 
 def _task(index=1, level="Organ-level"):
     return Task(
-        index=index, task="t", requirement="r", level=level,
+        index=index,
+        task="t",
+        requirement="r",
+        level=level,
         rubrics={
             "scientific": (P(1.0), P(0.5), P(0.2), N(1.0), N(0.5)),
             "visual": (P(1.0), P(1.0), N(0.5)),
@@ -74,7 +77,9 @@ def _naive_scores(entry, judgements):
     for dim in DIMENSIONS:
         block = entry[f"rubrics_{dim}"]
         nums = sorted(int(k[1:]) for k in block if k.startswith("s"))
-        r = sum(x * (1 if block[f"s{n}"] == "+1" else -1) * float(block[f"w{n}"]) for x, n in zip(judgements[dim], nums))
+        r = sum(
+            x * (1 if block[f"s{n}"] == "+1" else -1) * float(block[f"w{n}"]) for x, n in zip(judgements[dim], nums, strict=True)
+        )
         m = sum(float(block[f"w{n}"]) for n in nums if block[f"s{n}"] == "+1")
         dims[dim] = max(0.0, r / m) * 100
         total_r += r
@@ -101,7 +106,9 @@ def test_regression_all_459_tasks_with_synthetic_judgements(bench, bench_dir):
     assert summary.by_dimension["visual"].mean == pytest.approx(47.2954, abs=1e-3)
     assert summary.overall.ci_low < summary.overall.mean < summary.overall.ci_high
     # a perfect video (every positive met, no penalty) scores 100 everywhere
-    perfect = [score_task(t, {d: [int(c.sign > 0) for c in t.rubrics[d]] for d in DIMENSIONS}) for t in bench.tasks.values()]
+    perfect = [
+        score_task(t, {d: [int(c.sign > 0) for c in t.rubrics[d]] for d in DIMENSIONS}) for t in bench.tasks.values()
+    ]
     assert {s.score for s in perfect} == {100.0}
 
 
