@@ -206,10 +206,11 @@ def _cache_dir() -> Path:
 def fetch_benchmark_files(source: str | os.PathLike[str] | None = None, cache_dir: Path | None = None) -> Path:
     """Return a local folder holding the three benchmark files.
 
-    ``source`` is a local folder, or an http(s) base URL (default: the upstream raw URL at
-    the published commit) whose files are downloaded once into ``cache_dir``.
+    ``source`` is a local folder, or an http(s) base URL whose files are downloaded once into
+    ``cache_dir``; by default ``$MICROVERSE_BENCHMARK``, else the upstream raw URL at the
+    published commit.
     """
-    source = str(source) if source is not None else UPSTREAM_RAW_URL
+    source = str(source or os.environ.get("MICROVERSE_BENCHMARK") or UPSTREAM_RAW_URL)
     if not source.startswith(("http://", "https://")):
         folder = Path(source)
         missing = [name for name in BENCHMARK_FILES if not (folder / name).is_file()]
@@ -272,7 +273,8 @@ def load_benchmark(source: str | os.PathLike[str] | None = None, cache_dir: Path
         tasks[index] = Task(index=index, task=task_text, requirement=requirement, level=level, rubrics=rubrics)
     for index in sorted(set(raw) - set(norm)):
         anomalies.append(Anomaly("missing_weights", f"task {index}: in {RUBRICS_FILE} but not in {NORM_FILE}", index))
-    bench = Benchmark(tasks=tasks, anomalies=anomalies, source=str(source or UPSTREAM_RAW_URL))
+    origin = str(source or os.environ.get("MICROVERSE_BENCHMARK") or UPSTREAM_RAW_URL)
+    bench = Benchmark(tasks=tasks, anomalies=anomalies, source=origin)
     for kind, count in sorted(bench.anomaly_counts().items()):
         logger.info("benchmark anomaly %s: %d", kind, count)
     return bench

@@ -15,9 +15,9 @@ from typing import Any
 import click
 
 from .benchmark import LEVELS, load_benchmark, select_tasks
-from .judge import JudgeConfig, VLMJudge
+from .judge import JudgeConfig, JudgeConfigError, VLMJudge
 from .report import build_report, compare_markdown, load_report, plot_reports, render_markdown, write_report
-from .runner import GenerationConfig, export_upstream, rescore_upstream, run_eval
+from .runner import EvalResult, GenerationConfig, export_upstream, rescore_upstream, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         for noisy in ("httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_eval(*args: Any, **kwargs: Any) -> EvalResult:
+    """:func:`run_eval`, turning configuration problems into clean CLI errors."""
+    try:
+        return run_eval(*args, **kwargs)
+    except (JudgeConfigError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group("eval")
@@ -147,7 +155,7 @@ def run_command(**kw: Any) -> None:
             negative_prompt=kw["negative_prompt"],
             seed=kw["gen_seed"],
         )
-    result = run_eval(
+    result = _run_eval(
         bench,
         tasks,
         judge,
@@ -202,7 +210,7 @@ def agreement_command(**kw: Any) -> None:
         raise click.UsageError(f"no <index>.mp4 file of a benchmark task in {kw['videos_dir']}")
     tasks = select_tasks(bench, indices=available, sample=kw["n_tasks"], seed=kw["seed"])
     out = kw["out"] or Path("runs") / f"{kw['model_name']}-agreement"
-    result = run_eval(
+    result = _run_eval(
         bench,
         tasks,
         judge,

@@ -48,6 +48,10 @@ class FakeJudgeState:
     """After this many answers, hold further requests until :attr:`release` is set, then 503."""
     delay_s: float = 0.0
     """Delay before each answer."""
+    models: set[str] | None = None
+    """Model names served (None: any); others get 404."""
+    reserved: int = 0
+    """Requests admitted and not yet answered."""
     answered: Counter[str] = field(default_factory=Counter)
     """Answered (200) requests per hash of the request's messages."""
     status_counts: Counter[int] = field(default_factory=Counter)
@@ -110,6 +114,10 @@ def create_app(state: FakeJudgeState) -> FastAPI:
         if state.max_body_bytes is not None and len(body) > state.max_body_bytes:
             return reply(413, {"error": {"message": "request entity too large", "type": "invalid_request_error"}})
         data = json.loads(body)
+        if state.models is not None and data.get("model") not in state.models:
+            return reply(
+                404, {"error": {"message": f"model {data.get('model')!r} does not exist", "type": "not_found"}}
+            )
         for param in state.reject_params:
             if param in data:
                 return reply(
@@ -124,7 +132,9 @@ def create_app(state: FakeJudgeState) -> FastAPI:
                 )
         with state.lock:
             fault = state.faults.popleft() if state.faults else None
-            held = state.max_answers is not None and state.total_answered >= state.max_answers
+            held = state.max_answers is not None and state.total_answered + state.reserved >= state.max_answers
+            if not held and fault not in ("429", "500"):
+                state.reserved += 1  # this request will be answered: count it against max_answers now
         if held:
             while not state.release.is_set():
                 await asyncio.sleep(0.05)
@@ -147,6 +157,7 @@ def create_app(state: FakeJudgeState) -> FastAPI:
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
         with state.lock:
             state.answered[key] += 1
+            state.reserved -= 1
         n_images = (
             sum(1 for p in first if isinstance(p, dict) and p.get("type") == "image_url")
             if isinstance(first, list)

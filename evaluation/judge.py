@@ -87,6 +87,10 @@ class JudgeError(RuntimeError):
     """The judge produced no valid answer after every retry and re-ask."""
 
 
+class JudgeConfigError(RuntimeError):
+    """The judge rejects the configuration itself (bad key, unknown model or URL): stop, do not retry."""
+
+
 class VideoError(ValueError):
     """A video cannot be decoded or has no frames."""
 
@@ -350,6 +354,10 @@ class VLMJudge:
                     max_side //= 2
                     logger.warning("judge payload too large (413); frames down to %d px", max_side)
                     continue
+                if exc.status_code in (401, 403, 404):
+                    raise JudgeConfigError(
+                        f"judge at {self.config.base_url} refused model {self.config.model!r}: {exc}"
+                    ) from exc
                 raise JudgeError(f"judge request failed: {exc}") from exc
             except openai.APIConnectionError as exc:
                 raise JudgeError(f"judge unreachable: {exc}") from exc

@@ -196,7 +196,9 @@ class JudgeService:
                             judgement=x,
                             reasoning=r,
                         )
-                        for k, (c, x, r) in enumerate(zip(criteria, judgement.scores, judgement.reasons, strict=True), 1)
+                        for k, (c, x, r) in enumerate(
+                            zip(criteria, judgement.scores, judgement.reasons, strict=True), 1
+                        )
                     ],
                 )
             )

@@ -165,6 +165,11 @@ def test_cli_rejects_bad_input(fake_judge, videos_dir, tmp_path, bench_dir, monk
     assert both.exit_code == 2 and "exactly one of --endpoint and --videos" in both.output
     unknown = runner.invoke(eval_group, _run_args(fake_judge, videos_dir, tmp_path / "o", bench_dir, "--index", "999"))
     assert unknown.exit_code == 2 and "unknown task" in unknown.output
+    fake_judge.state.models = {"fake-judge"}
+    wrong = runner.invoke(
+        eval_group, [*_run_args(fake_judge, videos_dir, tmp_path / "o", bench_dir), "--judge-model", "gpt-9"]
+    )
+    assert wrong.exit_code == 1 and "refused model 'gpt-9'" in wrong.output
     assert fake_judge.state.total_answered == 0
 
 

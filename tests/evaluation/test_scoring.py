@@ -78,7 +78,8 @@ def _naive_scores(entry, judgements):
         block = entry[f"rubrics_{dim}"]
         nums = sorted(int(k[1:]) for k in block if k.startswith("s"))
         r = sum(
-            x * (1 if block[f"s{n}"] == "+1" else -1) * float(block[f"w{n}"]) for x, n in zip(judgements[dim], nums, strict=True)
+            x * (1 if block[f"s{n}"] == "+1" else -1) * float(block[f"w{n}"])
+            for x, n in zip(judgements[dim], nums, strict=True)
         )
         m = sum(float(block[f"w{n}"]) for n in nums if block[f"s{n}"] == "+1")
         dims[dim] = max(0.0, r / m) * 100
