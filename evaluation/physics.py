@@ -181,7 +181,9 @@ def msd_diffusion(tracks: Sequence[np.ndarray], drift: np.ndarray, max_lag: int 
     return float(lag_arr @ msd_arr / (lag_arr @ lag_arr) / 4)  # MSD = 4 D lag, fitted through the origin
 
 
-def optical_flow_velocity(frames: np.ndarray, masks: np.ndarray, cfg: AnalysisConfig | None = None) -> tuple[float, float]:
+def optical_flow_velocity(
+    frames: np.ndarray, masks: np.ndarray, cfg: AnalysisConfig | None = None
+) -> tuple[float, float]:
     """Mean Farneback flow (px/frame) over pixels that are foreground in the earlier frame."""
     fg = foreground(frames, cfg)
     img = np.clip(fg * (255.0 / max(float(fg.max()), 1e-6)), 0, 255).astype(np.uint8)
@@ -433,7 +435,15 @@ def folder_cases(videos_dir: str | Path) -> tuple[list[PhysicsCase], Generate]:
     entries = json.loads((root / "metadata.json").read_text())
     cases, paths = [], {}
     for e in entries:
-        c = PhysicsCase(e["id"], e["process"], e["prompt"], int(e.get("seed", 0)), e["params"], e.get("size", 64), e.get("frames", 17))
+        c = PhysicsCase(
+            e["id"],
+            e["process"],
+            e["prompt"],
+            int(e.get("seed", 0)),
+            e["params"],
+            e.get("size", 64),
+            e.get("frames", 17),
+        )
         cases.append(c)
         paths[(c.prompt, c.seed)] = root / e["video"]
     return cases, lambda prompt, seed: load_video(paths[(prompt, seed)])
@@ -455,7 +465,7 @@ def evaluate_physics(
             source = np.asarray(c.params["source"]) * scale if "source" in c.params else None
             passed, metrics = check_process(c.process, c.params, analyse(frames, source, cfg), scale, tol)
             results.append(CaseResult(c.id, c.process, c.prompt, c.seed, bool(passed), metrics))
-        except Exception as exc:  # a broken generation is a failed case, not a crashed report
+        except Exception as exc:  # noqa: BLE001 - a broken generation is a failed case, not a crashed report
             logger.warning("case %s failed: %s", c.id, exc)
             results.append(CaseResult(c.id, c.process, c.prompt, c.seed, False, error=repr(exc)))
     return PhysicsReport(label, results)
@@ -495,7 +505,9 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
 
     def cell(rep: PhysicsReport, proc: str) -> str:
         rs = [r for r in rep.results if proc in ("overall", r.process)]
-        return f"{sum(r.passed for r in rs)}/{len(rs)} ({100 * sum(r.passed for r in rs) / len(rs):.0f}%)" if rs else "–"
+        return (
+            f"{sum(r.passed for r in rs)}/{len(rs)} ({100 * sum(r.passed for r in rs) / len(rs):.0f}%)" if rs else "–"
+        )
 
     lines = ["# Physics metrics", "", "Per-process accuracy against simulator ground truth.", ""]
     lines.append("| process | " + " | ".join(rep.label for rep in reports) + " |")
@@ -550,18 +562,48 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
 
 
 @click.command("physics")
-@click.option("--source", "sources", type=click.Choice(["simulator"]), multiple=True, help="Real simulator clips (the ceiling).")
-@click.option("--videos", "videos_dirs", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, help="Folder of mp4 clips with a metadata.json of prompts, process and params (write_dataset format).")
-@click.option("--model", "models", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True, help="diffusers WanPipeline folder, run with from_pretrained on CPU (e.g. an untrained model: the floor).")
-@click.option("--n-per-process", type=int, default=10, show_default=True, help="Held-out cases per process (simulator and model sources).")
+@click.option(
+    "--source", "sources", type=click.Choice(["simulator"]), multiple=True, help="Real simulator clips (the ceiling)."
+)
+@click.option(
+    "--videos",
+    "videos_dirs",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    help="Folder of mp4 clips with a metadata.json of prompts, process and params (write_dataset format).",
+)
+@click.option(
+    "--model",
+    "models",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    help="diffusers WanPipeline folder, run with from_pretrained on CPU (e.g. an untrained model: the floor).",
+)
+@click.option(
+    "--n-per-process",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Held-out cases per process (simulator and model sources).",
+)
 @click.option("--seed", type=int, default=HELDOUT_SEED, show_default=True, help="Base seed of the held-out cases.")
 @click.option("--size", type=int, default=64, show_default=True, help="Frame width and height.")
 @click.option("--frames", type=int, default=17, show_default=True, help="Frames per video.")
 @click.option("--processes", default=None, help="Comma-separated subset of processes.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Denoising steps for --model.")
-@click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance for --model.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("physics_eval"), show_default=True)
-def physics_command(sources, videos_dirs, models, n_per_process, seed, size, frames, processes, steps, guidance_scale, out_dir):
+@click.option(
+    "--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance for --model."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("physics_eval"),
+    show_default=True,
+)
+def physics_command(
+    sources, videos_dirs, models, n_per_process, seed, size, frames, processes, steps, guidance_scale, out_dir
+):
     """Physics-grounded metrics: per-process accuracy of videos against simulator ground truth."""
     if not (sources or videos_dirs or models):
         sources = ("simulator",)
@@ -572,7 +614,9 @@ def physics_command(sources, videos_dirs, models, n_per_process, seed, size, fra
         if sources:
             reports.append(evaluate_physics(simulator_generate(cases), cases, "simulator"))
         for path in models:
-            reports.append(evaluate_physics(wan_generate(path, size, frames, steps, guidance_scale), cases, f"model:{path.name}"))
+            reports.append(
+                evaluate_physics(wan_generate(path, size, frames, steps, guidance_scale), cases, f"model:{path.name}")
+            )
     for folder in videos_dirs:
         cases, gen = folder_cases(folder)
         if procs:

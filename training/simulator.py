@@ -31,14 +31,73 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 #: Every word any caption can contain (lowercase, punctuation stripped), for the demo tokenizer.
-CAPTION_VOCAB: tuple[str, ...] = tuple(
-    """
-    a along an and apoptosis apoptotic at bacteria bacterial blebbing blood bottom brightfield brownian
-    capillary cell cells chemical chemotaxis daughter diffusing diffusion divides dividing down dying fast
-    filament flow flowing fluorescence in into left membrane microscopy microtubule mitosis molecules
-    motion moving of on one particles red right shrinking shrinks slow source swimming that the through
-    to top toward transport two up vesicle vesicles vessel video with
-    """.split()
+CAPTION_VOCAB: tuple[str, ...] = (
+    "a",
+    "along",
+    "an",
+    "and",
+    "apoptosis",
+    "apoptotic",
+    "at",
+    "bacteria",
+    "bacterial",
+    "blebbing",
+    "blood",
+    "bottom",
+    "brightfield",
+    "brownian",
+    "capillary",
+    "cell",
+    "cells",
+    "chemical",
+    "chemotaxis",
+    "daughter",
+    "diffusing",
+    "diffusion",
+    "divides",
+    "dividing",
+    "down",
+    "dying",
+    "fast",
+    "filament",
+    "flow",
+    "flowing",
+    "fluorescence",
+    "in",
+    "into",
+    "left",
+    "membrane",
+    "microscopy",
+    "microtubule",
+    "mitosis",
+    "molecules",
+    "motion",
+    "moving",
+    "of",
+    "on",
+    "one",
+    "particles",
+    "red",
+    "right",
+    "shrinking",
+    "shrinks",
+    "slow",
+    "source",
+    "swimming",
+    "that",
+    "the",
+    "through",
+    "to",
+    "top",
+    "toward",
+    "transport",
+    "two",
+    "up",
+    "vesicle",
+    "vesicles",
+    "vessel",
+    "video",
+    "with",
 )
 
 LEVELS = {
@@ -240,7 +299,7 @@ def _blood_flow(rng: np.random.Generator, size: int, frames: int) -> _Scene:
     width = rng.uniform(16, 22) * s
     offset = size / 2 + rng.uniform(-8, 8) * s
     spacing = rng.uniform(13, 16) * s
-    n = int(math.ceil((size + 3 * spacing) / spacing))
+    n = math.ceil((size + 3 * spacing) / spacing)
     along, v = _flowing(rng, size, frames, speed, spacing, n)
     lateral = offset + rng.uniform(-1, 1, n) * (width / 2 - 3.5 * s)
     lateral = lateral[None, :] + np.cumsum(rng.normal(0, 0.1 * s, (frames, n)), axis=0)
@@ -324,7 +383,7 @@ def _vesicle_transport(rng: np.random.Generator, size: int, frames: int) -> _Sce
     angle = (0.0 if dx else math.pi / 2) + tilt
     centre = size / 2 + rng.uniform(-8, 8, 2) * s
     spacing = rng.uniform(12, 16) * s
-    n = int(math.ceil((size + 2 * spacing) / spacing))
+    n = math.ceil((size + 2 * spacing) / spacing)
     along, v = _flowing(rng, size, frames, speed, spacing, n)
     u = np.array([math.cos(angle), math.sin(angle)])
     pos = centre + ((along - size / 2) * (dx + dy))[..., None] * u
@@ -367,7 +426,12 @@ def _apoptosis(rng: np.random.Generator, size: int, frames: int) -> _Scene:
         [cell, blebs],
         None,
         {"shrink_factor": round(float(shrink), 4), "radius": round(float(r0), 3), "onset_frame": round(float(t0), 2)},
-        {"positions": centre_t[:, None, :], "counts": np.ones(frames, int), "radii": radius, "blebs": (grow > 0).sum(1)},
+        {
+            "positions": centre_t[:, None, :],
+            "counts": np.ones(frames, int),
+            "radii": radius,
+            "blebs": (grow > 0).sum(1),
+        },
     )
 
 
@@ -426,7 +490,11 @@ def render_clip(process: str, seed: int, size: int = 64, frames: int = 17) -> Cl
     scene = PROCESSES[process](rng, size, frames)
     frames_u8 = _compose(scene, look, size, rng)
     params = {"look": look, **scene.params}
-    words = {"look": look, "speed": params.get("speed", ""), "direction": DIRECTION_WORDS.get(params.get("direction", ""), "")}
+    words = {
+        "look": look,
+        "speed": params.get("speed", ""),
+        "direction": DIRECTION_WORDS.get(params.get("direction", ""), ""),
+    }
     words["side"] = SIDE_WORDS.get(params.get("source_side", ""), "")
     prompt = template.format(**words)
     return Clip(process, int(seed), frames_u8, prompt, params, scene.truth)
@@ -547,7 +615,9 @@ def parse_processes(value: str | None) -> list[str] | None:
 
 
 @click.command("simulate")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+)
 @click.option("-n", "--n", "n_clips", type=int, default=600, show_default=True, help="Number of clips.")
 @click.option("--size", type=int, default=64, show_default=True, help="Frame height and width in pixels.")
 @click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip (Wan: 4k+1).")

@@ -171,7 +171,9 @@ def _check_outputs(out, labels):
 
 def test_physics_command_simulator_and_videos(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(physics_command, ["--source", "simulator", "--n-per-process", "2", "--out", str(tmp_path / "sim")])
+    res = runner.invoke(
+        physics_command, ["--source", "simulator", "--n-per-process", "2", "--out", str(tmp_path / "sim")]
+    )
     assert res.exit_code == 0, res.output
     acc = _check_outputs(tmp_path / "sim", ["simulator"])
     assert acc["simulator"]["overall"] == 1.0 and len(acc["simulator"]) == 7
@@ -182,14 +184,13 @@ def test_physics_command_simulator_and_videos(tmp_path):
     assert _check_outputs(tmp_path / "vid", ["videos:clips"])["videos:clips"]["overall"] == 1.0
 
 
-def test_physics_command_untrained_model_floor(tmp_path):
-    from microverse.tiny import save_tiny_pipeline
-
-    model = save_tiny_pipeline(tmp_path / "untrained")
+@pytest.mark.slow
+def test_physics_command_untrained_model_floor(tmp_path, tiny_model_dir):
+    model = tiny_model_dir  # seeded random weights: the untrained floor
     args = ["--source", "simulator", "--model", str(model), "--processes", "mitosis"]
     args += ["--n-per-process", "1", "--steps", "1", "--out", str(tmp_path / "out")]
     res = CliRunner().invoke(physics_command, args)
     assert res.exit_code == 0, res.output
-    acc = _check_outputs(tmp_path / "out", ["simulator", "model:untrained"])
+    acc = _check_outputs(tmp_path / "out", ["simulator", f"model:{model.name}"])
     assert acc["simulator"]["overall"] == 1.0
-    assert set(acc["model:untrained"]) == {"mitosis", "overall"}
+    assert set(acc[f"model:{model.name}"]) == {"mitosis", "overall"}
