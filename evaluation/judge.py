@@ -274,9 +274,6 @@ class Usage:
     """Cost in USD."""
 
 
-_OPTIONAL_PARAMS = ("response_format", "temperature", "seed")
-
-
 class VLMJudge:
     """Judges video frames against rubric criteria through an OpenAI-compatible chat API."""
 

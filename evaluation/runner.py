@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .benchmark import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
 from .cache import JudgementCache
 from .judge import PROMPT_VERSION, JudgeError, Judgement, Usage, VideoError, VLMJudge, parse_answer, sample_frames
-from .scoring import Agreement, TaskScore, agreement, score_task, summarize
+from .scoring import Agreement, Summary, TaskScore, agreement, score_task, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,11 @@ def judge_videos(
     repeats = repeats or {}
     model = judge.config.model
     todo = [t for t in tasks if t.index in videos]
-    total = sum(len(DIMENSIONS) * repeats.get(t.index, 1) for t in todo)
+
+    def total_for(task: Task) -> int:
+        return len(DIMENSIONS) * repeats.get(task.index, 1)
+
+    total = sum(total_for(t) for t in todo)
     results: dict[tuple[int, str, int], Judgement] = {}
     bar = tqdm(total=total, desc="judging", unit="call")
 
@@ -196,22 +200,29 @@ def judge_videos(
         path = videos[task.index]
         sha = file_sha256(path)
         frames = None
+        done = 0
         for repeat in range(repeats.get(task.index, 1)):
             for dim in DIMENSIONS:
                 key = (sha, task.index, dim, task.rubric_hash(dim), model, PROMPT_VERSION)
                 found = cache.get(*key, repeat=repeat)
                 if found is None:
-                    try:
-                        if frames is None:
+                    if frames is None:
+                        try:
                             frames = sample_frames(path, judge.config.num_frames)
+                        except VideoError as exc:
+                            logger.error("task %d: %s: %s; not judged", task.index, path, exc)
+                            bar.update(total_for(task) - done)
+                            return
+                    try:
                         found = judge.judge(frames, task.task, task.requirement, dim, task.rubrics[dim], repeat=repeat)
-                    except (JudgeError, VideoError) as exc:
+                    except JudgeError as exc:
                         logger.error("task %d %s: %s", task.index, dim, exc)
                     else:
                         cache.put(*key, found, repeat=repeat)
                 if found is not None:
                     results[(task.index, dim, repeat)] = found
                 bar.update(1)
+                done += 1
 
     with ThreadPoolExecutor(max_workers=judge.config.concurrency) as pool:
         for future in as_completed([pool.submit(work, t) for t in todo]):
@@ -370,7 +381,7 @@ def rescore_upstream(path: Path, bench: Benchmark, model_name: str | None = None
     )
 
 
-def summary_of(result: EvalResult, n_resamples: int = 2000, seed: int = 0):
+def summary_of(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> Summary:
     """The :class:`~evaluation.scoring.Summary` of a result."""
     return summarize(result.scores, n_selected=len(result.tasks), n_resamples=n_resamples, seed=seed)
 
