@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from training.simulator import DIRECTIONS, PROCESSES, clip_seeds, parse_processes, render_clip
+from training.simulator import DIRECTIONS, PROCESSES, clip_seeds, parse_processes, render_clip, simulate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +354,8 @@ class PhysicsReport:
     """Name of the source (e.g. ``simulator``, a model path)."""
     results: list[CaseResult]
     """One result per case."""
+    acceptance: dict[str, dict] = field(default_factory=dict)
+    """Results of ``acceptance_checks`` for this source, when run."""
 
     def accuracy(self) -> dict[str, float]:
         """Fraction of passed cases per process, plus ``overall``."""
@@ -367,7 +369,8 @@ class PhysicsReport:
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
-        return {"label": self.label, "accuracy": self.accuracy(), "results": [asdict(r) for r in self.results]}
+        results = [asdict(r) for r in self.results]
+        return {"label": self.label, "accuracy": self.accuracy(), "acceptance": self.acceptance, "results": results}
 
 
 def heldout_cases(
@@ -471,6 +474,55 @@ def evaluate_physics(
     return PhysicsReport(label, results)
 
 
+ACCEPTANCE_PROMPTS = {
+    "mitosis": "a cell divides into two daughter cells",
+    "diffusing": "particles diffusing",
+    "flowing_right": "red blood cells flowing to the right",
+}
+"""The prompts of issue 5's acceptance checks."""
+ACCEPTANCE_REQUIRED = {"mitosis_one_then_two": 7, "diffusing_vs_flowing_right": 8}
+"""Seeds out of 10 each acceptance check must pass."""
+
+
+def acceptance_checks(
+    generate: Generate, seeds: Sequence[int] = range(10), tol: Tolerances | None = None
+) -> dict[str, dict]:
+    """Issue 5's acceptance checks on ``generate``, one video per prompt and seed.
+
+    ``mitosis_one_then_two``: the mitosis prompt shows 1 cell early and 2 late.
+    ``diffusing_vs_flowing_right``: the diffusing video has no drift (|v| < ``max_drift``) while the
+    flowing-right video drifts right (v_x >= ``max_drift``, within ``direction_deg`` of +x).
+    Returns per check: ``passed`` seeds, ``n``, ``required`` (scaled to ``n``) and ``ok``.
+    """
+    tol = tol or Tolerances()
+    right = np.array([1.0, 0.0])
+    mitosis = drift = 0
+    for seed in seeds:
+        m = analyse(generate(ACCEPTANCE_PROMPTS["mitosis"], seed))
+        q = max(len(m.counts) // 4, 2)
+        mitosis += _mode(m.counts[:q]) == 1 and _mode(m.counts[-q:]) == 2
+        d_frames = load_video(generate(ACCEPTANCE_PROMPTS["diffusing"], seed))
+        s = d_frames.shape[2] / 64
+        vd = np.asarray(analyse(d_frames).velocity)
+        vf = np.asarray(analyse(generate(ACCEPTANCE_PROMPTS["flowing_right"], seed)).velocity)
+        drift += bool(
+            np.linalg.norm(vd) < tol.max_drift * s
+            and vf[0] >= tol.max_drift * s
+            and _angle_deg(vf, right) <= tol.direction_deg
+        )
+    n = len(seeds)
+    out = {}
+    for name, passed in (("mitosis_one_then_two", mitosis), ("diffusing_vs_flowing_right", drift)):
+        required = math.ceil(ACCEPTANCE_REQUIRED[name] * n / 10)
+        out[name] = {"passed": int(passed), "n": n, "required": required, "ok": passed >= required}
+    return out
+
+
+def simulator_prompt_generate(size: int = 64, frames: int = 17) -> Generate:
+    """``generate`` rendering a simulator clip for any prompt (see ``training.simulator.simulate_prompt``)."""
+    return lambda prompt, seed: simulate_prompt(prompt, seed, size, frames).frames
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -523,6 +575,15 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
             rs = [r.metrics for r in rep.results if r.process == proc and "measured" in r.metrics]
             vals.append(f"{_median([m['measured'] for m in rs]):.3g} / {_median([m['truth'] for m in rs]):.3g}")
         lines.append(f"| {proc} | {PRIMARY[proc]} | " + " | ".join(vals) + " |")
+    with_acc = [rep for rep in reports if rep.acceptance]
+    if with_acc:
+        lines += ["", "Issue 5 acceptance checks (seeds passed / required).", ""]
+        lines.append("| check | " + " | ".join(rep.label for rep in with_acc) + " |")
+        lines.append("|---|" + "---|" * len(with_acc))
+        for name in ACCEPTANCE_REQUIRED:
+            vals = [rep.acceptance[name] for rep in with_acc]
+            cells = [f"{v['passed']}/{v['n']} (need {v['required']}) {'✓' if v['ok'] else '✗'}" for v in vals]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     errors = [(rep.label, r.id, r.error) for rep in reports for r in rep.results if r.error]
     if errors:
         lines += ["", f"{len(errors)} case(s) failed to generate or analyse; first: `{errors[0]}`"]
@@ -595,6 +656,13 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     "--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance for --model."
 )
 @click.option(
+    "--acceptance-seeds",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Seeds of issue 5's acceptance checks for simulator and model sources (0: skip).",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -602,21 +670,38 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     show_default=True,
 )
 def physics_command(
-    sources, videos_dirs, models, n_per_process, seed, size, frames, processes, steps, guidance_scale, out_dir
+    sources,
+    videos_dirs,
+    models,
+    n_per_process,
+    seed,
+    size,
+    frames,
+    processes,
+    steps,
+    guidance_scale,
+    acceptance_seeds,
+    out_dir,
 ):
     """Physics-grounded metrics: per-process accuracy of videos against simulator ground truth."""
     if not (sources or videos_dirs or models):
         sources = ("simulator",)
     procs = parse_processes(processes)
+    seeds = range(acceptance_seeds)
     reports = []
     if sources or models:
         cases = heldout_cases(n_per_process, seed, size, frames, procs)
-        if sources:
-            reports.append(evaluate_physics(simulator_generate(cases), cases, "simulator"))
+        generators = (
+            [("simulator", simulator_generate(cases), simulator_prompt_generate(size, frames))] if sources else []
+        )
         for path in models:
-            reports.append(
-                evaluate_physics(wan_generate(path, size, frames, steps, guidance_scale), cases, f"model:{path.name}")
-            )
+            gen = wan_generate(path, size, frames, steps, guidance_scale)
+            generators.append((f"model:{path.name}", gen, gen))
+        for label, gen, prompt_gen in generators:
+            report = evaluate_physics(gen, cases, label)
+            if acceptance_seeds:
+                report.acceptance = acceptance_checks(prompt_gen, seeds)
+            reports.append(report)
     for folder in videos_dirs:
         cases, gen = folder_cases(folder)
         if procs:
@@ -625,3 +710,7 @@ def physics_command(
     paths = write_report(reports, out_dir)
     click.echo(paths["markdown"].read_text())
     click.echo(f"report written to {out_dir}")
+
+
+if __name__ == "__main__":
+    physics_command()

@@ -160,11 +160,17 @@ class _Scene:
     """What a process hands to the renderer."""
 
     layers: list[_Layer]
+    """Moving objects."""
     static: np.ndarray | None
+    """Faint static structure ``(H, W)`` (vessel, filament, chemical gradient), in signal units."""
     params: dict
+    """Sampled parameters."""
     truth: dict
+    """Per-frame ground truth."""
     tint: tuple[float, float, float] = (0.35, 1.0, 0.45)
+    """Fluorescence emission colour (RGB gains)."""
     absorb: tuple[float, float, float] = (1.0, 1.0, 0.95)
+    """Brightfield absorption per RGB channel (reddish objects absorb green and blue)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,6 +504,59 @@ def render_clip(process: str, seed: int, size: int = 64, frames: int = 17) -> Cl
     words["side"] = SIDE_WORDS.get(params.get("source_side", ""), "")
     prompt = template.format(**words)
     return Clip(process, int(seed), frames_u8, prompt, params, scene.truth)
+
+
+#: Words that identify each process in a free-form prompt, checked in this order.
+PROCESS_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mitosis", ("divid", "mitosis", "daughter")),
+    ("apoptosis", ("apopto", "shrink", "bleb", "dying")),
+    ("blood_flow", ("blood",)),
+    ("chemotaxis", ("bacteri", "chemotaxis")),
+    ("vesicle_transport", ("vesicle",)),
+    ("diffusion", ("diffus", "brownian", "particle", "molecule")),
+)
+_SIDE_BY_WORD = {"right": "right", "left": "left", "top": "up", "bottom": "down"}
+_PROMPT_PARAMS = {
+    "diffusion": ("speed",),
+    "blood_flow": ("speed", "direction"),
+    "vesicle_transport": ("speed", "direction"),
+    "chemotaxis": ("source_side",),
+}
+
+
+def parse_prompt(prompt: str) -> tuple[str, dict]:
+    """The process a free-form prompt describes and the parameter values it pins down.
+
+    E.g. ``"red blood cells flowing to the right"`` -> ``("blood_flow", {"direction": "right"})``.
+    Raises ``ValueError`` when no process keyword occurs.
+    """
+    text = prompt.lower()
+    words = set(text.replace(",", " ").replace(":", " ").split())
+    process = next((name for name, keys in PROCESS_KEYWORDS if any(k in text for k in keys)), None)
+    if process is None:
+        raise ValueError(f"no simulator process recognised in {prompt!r}")
+    found = {
+        "look": [look for look in ("fluorescence", "brightfield") if look in words],
+        "speed": [w for w in ("slow", "fast") if w in words],
+        "direction": [d for d in DIRECTIONS if d in words],
+        "source_side": [side for w, side in _SIDE_BY_WORD.items() if w in words],
+    }
+    where = {k: found[k][0] for k in ("look", *_PROMPT_PARAMS.get(process, ())) if len(found[k]) == 1}
+    return process, where
+
+
+def simulate_prompt(prompt: str, seed: int, size: int = 64, frames: int = 17, max_tries: int = 1000) -> Clip:
+    """A simulator clip matching a free-form prompt (the reference "generator" for any caption).
+
+    Candidate seeds are drawn deterministically from ``seed`` until a clip of the prompt's process
+    has the parameters the prompt pins down (look, direction, speed word, source side).
+    """
+    process, where = parse_prompt(prompt)
+    for candidate in clip_seeds(seed, max_tries):
+        clip = render_clip(process, candidate, size, frames)
+        if all(clip.params.get(k) == v for k, v in where.items()):
+            return clip
+    raise ValueError(f"no {process} clip with {where} in {max_tries} tries")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from evaluation.physics import (
+    ACCEPTANCE_PROMPTS,
     HELDOUT_SEED,
+    acceptance_checks,
     analyse,
     check_process,
     detect_blobs,
@@ -21,6 +23,7 @@ from evaluation.physics import (
     msd_diffusion,
     physics_command,
     simulator_generate,
+    simulator_prompt_generate,
 )
 from training.simulator import encode_mp4, render_clip, write_dataset
 
@@ -62,6 +65,20 @@ def test_acceptance_diffusing_versus_flowing_right():
         vd, vf = np.asarray(analyse(d.frames).velocity), np.asarray(analyse(f.frames).velocity)
         ok += np.linalg.norm(vd) < 0.75 and vf[0] > 0.8 and abs(vf[1]) < 0.3 and vf[0] - vd[0] > 0.8
     assert ok == 10
+
+
+def test_acceptance_checks_on_simulator_and_noise():
+    ceiling = acceptance_checks(simulator_prompt_generate())
+    assert ceiling == {
+        "mitosis_one_then_two": {"passed": 10, "n": 10, "required": 7, "ok": True},
+        "diffusing_vs_flowing_right": {"passed": 10, "n": 10, "required": 8, "ok": True},
+    }
+    rng = np.random.default_rng(0)
+    noise = acceptance_checks(lambda p, s: rng.integers(0, 255, (17, 64, 64, 3), dtype=np.uint8), range(3))
+    assert noise["mitosis_one_then_two"]["passed"] == 0 and not noise["diffusing_vs_flowing_right"]["ok"]
+    gen = simulator_prompt_generate()
+    swapped = acceptance_checks(lambda p, s: gen(ACCEPTANCE_PROMPTS["diffusing"], s), range(3))
+    assert swapped["diffusing_vs_flowing_right"]["passed"] == 0  # no rightward drift where flow was asked
 
 
 def test_blob_detection_matches_truth_counts_for_both_looks():
@@ -158,9 +175,10 @@ def test_heldout_cases_are_deterministic_and_not_training_seeds():
     assert heldout_cases(2, seed=HELDOUT_SEED + 1, processes=["mitosis"]) != a
 
 
-def _check_outputs(out, labels):
+def _check_outputs(out, labels, acceptance=True):
     md = (out / "physics_report.md").read_text()
     assert "| mitosis |" in md and "| overall |" in md
+    assert ("| mitosis_one_then_two |" in md) == acceptance
     for label in labels:
         assert label in md
     report = json.loads((out / "physics_report.json").read_text())
@@ -171,9 +189,8 @@ def _check_outputs(out, labels):
 
 def test_physics_command_simulator_and_videos(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(
-        physics_command, ["--source", "simulator", "--n-per-process", "2", "--out", str(tmp_path / "sim")]
-    )
+    args = ["--source", "simulator", "--n-per-process", "2", "--acceptance-seeds", "2", "--out", str(tmp_path / "sim")]
+    res = runner.invoke(physics_command, args)
     assert res.exit_code == 0, res.output
     acc = _check_outputs(tmp_path / "sim", ["simulator"])
     assert acc["simulator"]["overall"] == 1.0 and len(acc["simulator"]) == 7
@@ -181,13 +198,13 @@ def test_physics_command_simulator_and_videos(tmp_path):
     write_dataset(tmp_path / "clips", 6, seed=3)
     res = runner.invoke(physics_command, ["--videos", str(tmp_path / "clips"), "--out", str(tmp_path / "vid")])
     assert res.exit_code == 0, res.output
-    assert _check_outputs(tmp_path / "vid", ["videos:clips"])["videos:clips"]["overall"] == 1.0
+    assert _check_outputs(tmp_path / "vid", ["videos:clips"], acceptance=False)["videos:clips"]["overall"] == 1.0
 
 
 @pytest.mark.slow
 def test_physics_command_untrained_model_floor(tmp_path, tiny_model_dir):
     model = tiny_model_dir  # seeded random weights: the untrained floor
-    args = ["--source", "simulator", "--model", str(model), "--processes", "mitosis"]
+    args = ["--source", "simulator", "--model", str(model), "--processes", "mitosis", "--acceptance-seeds", "1"]
     args += ["--n-per-process", "1", "--steps", "1", "--out", str(tmp_path / "out")]
     res = CliRunner().invoke(physics_command, args)
     assert res.exit_code == 0, res.output

@@ -19,8 +19,10 @@ from training.simulator import (
     SIDE_WORDS,
     bench_command,
     clip_seeds,
+    parse_prompt,
     render_clip,
     simulate_command,
+    simulate_prompt,
     write_dataset,
 )
 
@@ -186,3 +188,27 @@ def test_bench_command_reports_rates():
     assert res.exit_code == 0, res.output
     rates = [float(x) for x in re.findall(r"([\d.]+) clips/s", res.output)]
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "process", "where"),
+    [
+        ("a cell divides into two daughter cells", "mitosis", {}),
+        ("particles diffusing", "diffusion", {}),
+        ("red blood cells flowing to the right", "blood_flow", {"direction": "right"}),
+        ("bacteria swimming toward a source at the top, brightfield microscopy", "chemotaxis", {"source_side": "up"}),
+        ("fast vesicles moving down along a microtubule", "vesicle_transport", {"speed": "fast", "direction": "down"}),
+        ("an apoptotic cell shrinking, fluorescence microscopy", "apoptosis", {"look": "fluorescence"}),
+    ],
+)
+def test_simulate_prompt_matches_what_the_prompt_pins(prompt, process, where):
+    parsed, found = parse_prompt(prompt)
+    assert parsed == process and where.items() <= found.items()
+    clip = simulate_prompt(prompt, 4)
+    assert clip.process == process and where.items() <= clip.params.items()
+    assert np.array_equal(clip.frames, simulate_prompt(prompt, 4).frames)
+
+
+def test_simulate_prompt_rejects_unknown():
+    with pytest.raises(ValueError):
+        parse_prompt("a cat playing piano")
