@@ -63,7 +63,7 @@ def build_report(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> 
         "coverage": {
             "selected": summary.n_selected,
             "valid": summary.n_valid,
-            "partial": {str(i): list(m) for i, m in summary.partial.items()},
+            "partial": {str(i): list(m) for i, m in summary.partial.items() if i not in result.missing_videos},
             "missing_videos": result.missing_videos,
             "anomalies": dict(Counter(a.kind for a in result.anomalies)),
         },
@@ -89,6 +89,13 @@ def _fmt(stat: dict[str, Any], ci: bool = True) -> str:
     if ci and stat["ci_low"] is not None:
         text += f" [{stat['ci_low']:.1f}, {stat['ci_high']:.1f}]"
     return text
+
+
+def _listing(items: Sequence[str], shown: int = 20) -> str:
+    if not items:
+        return ""
+    more = f", … ({len(items) - shown} more in report.json)" if len(items) > shown else ""
+    return ": " + ", ".join(items[:shown]) + more
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -137,9 +144,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Valid tasks: {cov['valid']} / {cov['selected']} selected "
         f"(tasks per level: " + ", ".join(f"{lv} {report['by_level'][lv]['n']}" for lv in LEVELS) + ")",
         f"- Partial tasks (a dimension without a valid judgement; excluded from every average): {len(cov['partial'])}"
-        + (": " + ", ".join(f"{i} ({'/'.join(m)})" for i, m in cov["partial"].items()) if cov["partial"] else ""),
-        f"- Tasks without a video: {len(cov['missing_videos'])}"
-        + (f": {cov['missing_videos']}" if cov["missing_videos"] else ""),
+        + _listing([f"{i} ({'/'.join(m)})" for i, m in cov["partial"].items()]),
+        f"- Tasks without a video (excluded from every average): {len(cov['missing_videos'])}"
+        + _listing([str(i) for i in cov["missing_videos"]]),
         "- Anomalies found: " + (", ".join(f"{k} × {v}" for k, v in sorted(cov["anomalies"].items())) or "none"),
     ]
     if report.get("agreement"):

@@ -182,7 +182,10 @@ def test_missing_videos_and_failed_dimensions_lower_coverage(fake_judge, videos_
     report = json.loads((out / "report.json").read_text())
     cov = report["coverage"]
     assert (cov["selected"], cov["valid"]) == (6, 4)
-    assert cov["missing_videos"] == [319] and cov["partial"]["277"] == ["scientific", "visual", "instruction"]
+    assert cov["missing_videos"] == [319] and cov["partial"] == {"277": ["scientific", "visual", "instruction"]}
+    md = (out / "report.md").read_text()
+    assert "Partial tasks (a dimension without a valid judgement; excluded from every average): 1: 277 (" in md
+    assert "Tasks without a video (excluded from every average): 1: 319" in md
     assert report["overall"]["n"] == 4
 
 
