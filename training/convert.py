@@ -104,17 +104,24 @@ def lora_upstream_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str,
 def save_diffusers_lora(
     transformer_lora_state: dict[str, torch.Tensor], out_dir: str | Path, rank: int, alpha: float, targets
 ) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (readable by ``WanPipeline.load_lora_weights``),
-    with rank/alpha in the safetensors metadata. Keys may be with or without ``transformer.``."""
+    """Write ``pytorch_lora_weights.safetensors`` (readable by ``WanPipeline.load_lora_weights``).
+
+    ``alpha / rank`` is folded into ``lora_B`` and the metadata says alpha = rank, so loaders that
+    ignore the metadata apply the same scale. Keys may be with or without ``transformer.``."""
     from diffusers import WanPipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layers = {k.removeprefix("transformer."): v.detach().cpu().contiguous() for k, v in transformer_lora_state.items()}
+    layers = {}
+    for key, value in transformer_lora_state.items():
+        value = value.detach().cpu()
+        if ".lora_B." in key and alpha != rank:
+            value = value * (alpha / rank)
+        layers[key.removeprefix("transformer.")] = value.contiguous()
     WanPipeline.save_lora_weights(
         out_dir,
         transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)},
+        transformer_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": sorted(targets)},
     )
     return out_dir / "pytorch_lora_weights.safetensors"
 

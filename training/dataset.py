@@ -114,12 +114,11 @@ def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
     return ((mu - mean) / std).cpu()
 
 
-def build_cache(accelerator, pipe, samples: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=()) -> dict[str, torch.Tensor]:
-    """Encode every uncached sample (sharded over processes) and the empty and extra prompts.
-
-    Returns the embeddings of ``""`` and of ``extra_prompts`` (keys are the prompts)."""
+def build_cache(accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=()) -> dict[str, torch.Tensor]:
+    """Encode the ``missing`` samples (the same list on every rank, sharded over processes) and
+    the empty and extra prompts. Returns the prompt embeddings keyed by prompt."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in samples if not s.cache_file.exists()][accelerator.process_index :: accelerator.num_processes]
+    todo = missing[accelerator.process_index :: accelerator.num_processes]
     device = accelerator.device
     pipe.vae.to(device)
     pipe.text_encoder.to(device)

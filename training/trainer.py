@@ -124,16 +124,15 @@ class Trainer:
         cached = load_file(str(prompts_file)) if prompts_file.exists() else {}
         keys = {p: f"p{i}" for i, p in enumerate(prompts)}
         meta_file = self.cache_dir / "prompts.json"
-        if (
-            all(s.cache_file.exists() for s in self.samples)
-            and meta_file.exists()
-            and json.loads(meta_file.read_text()) == [prompts, cfg.model.pretrained]
-        ):
+        missing = [s for s in self.samples if not s.cache_file.exists()]
+        ready = not missing and meta_file.exists() and json.loads(meta_file.read_text()) == [prompts, cfg.model.pretrained]
+        self.accelerator.wait_for_everyone()  # every rank decides before any rank writes
+        if ready:
             return {p: cached[keys[p]] for p in prompts}
         pipe = WanPipeline.from_pretrained(
             cfg.model.pretrained, transformer=None, dtype={"text_encoder": _dtype(cfg.model.base_dtype), "default": torch.float32}
         )
-        embeds = build_cache(self.accelerator, pipe, self.samples, self.cache_dir, cfg.model.text_max_length, cfg.validation_prompts)
+        embeds = build_cache(self.accelerator, pipe, missing, self.cache_dir, cfg.model.text_max_length, cfg.validation_prompts)
         if self.accelerator.is_main_process:
             save_file({keys[p]: e.contiguous() for p, e in embeds.items()}, str(prompts_file))
             meta_file.write_text(json.dumps([prompts, cfg.model.pretrained]))
