@@ -7,7 +7,9 @@ into blob counts, foreground area, mean squared displacement slope (diffusion co
 px^2/frame), mean velocity (tracking, cross-checked by Farneback optical flow) and net drift toward
 a source. ``check_process`` compares a measurement with a simulator clip's parameters;
 ``evaluate_physics`` runs held-out simulator prompts through any ``generate(prompt, seed) -> frames``
-callable and reports per-process accuracy. ``physics_command`` is ``microverse eval physics``.
+callable and reports per-process accuracy; ``acceptance_checks`` runs issue 5's two fixed-prompt
+checks. ``physics_command`` (``microverse eval physics``) compares sources (simulator ceiling, a
+``WanPipeline`` folder such as an untrained floor, a folder of clips) in a Markdown/JSON report with plots.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def link_tracks(blobs: Sequence[Blobs], max_distance: float) -> list[np.ndarray]
                     break
                 if p in used_p or c in used_c:
                     continue
-                used_p.add(p), used_c.add(c)
+                used_p.add(p)
+                used_c.add(c)
                 new_owner[c] = owner[p]
         for c, (x, y) in enumerate(cur):
             if c not in new_owner:
@@ -174,7 +177,8 @@ def msd_diffusion(tracks: Sequence[np.ndarray], drift: np.ndarray, max_lag: int 
     for lag in range(1, max_lag + 1):
         sq = [np.sum((tr[lag:, 1:] - tr[:-lag, 1:] - lag * drift) ** 2, axis=1) for tr in tracks if len(tr) > lag]
         if sq:  # median / ln 2 is the mean of a 2-D Gaussian |d|^2, robust to merge/split jumps
-            lags.append(lag), msd.append(float(np.median(np.concatenate(sq)) / math.log(2)))
+            lags.append(lag)
+            msd.append(float(np.median(np.concatenate(sq)) / math.log(2)))
     if not lags:
         return float("nan")
     lag_arr, msd_arr = np.asarray(lags, float), np.asarray(msd)
@@ -411,7 +415,7 @@ def wan_generate(
     import torch
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(str(model_path), torch_dtype=torch.float32).to("cpu")
+    pipe = WanPipeline.from_pretrained(str(model_path), dtype=torch.float32).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     max_len = getattr(pipe.tokenizer, "model_max_length", 512)
 
@@ -596,7 +600,10 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     for k, (rep, acc) in enumerate(zip(reports, accs)):
         ax.bar(np.arange(len(procs)) + k * width, [acc.get(p, 0) for p in procs], width, label=rep.label)
     ax.set_xticks(np.arange(len(procs)) + width * (len(reports) - 1) / 2, procs, rotation=20, fontsize=8)
-    ax.set_ylim(0, 1.05), ax.set_ylabel("accuracy"), ax.legend(fontsize=8), ax.set_title("physics accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title("physics accuracy")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     paths["accuracy_plot"] = out / "accuracy.png"
     fig.savefig(paths["accuracy_plot"], dpi=100)
@@ -611,7 +618,9 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
             ax.scatter([m["truth"] for m in rs], [m["measured"] for m in rs], s=14, label=rep.label, alpha=0.7)
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
-        ax.set_title(proc, fontsize=9), ax.set_xlabel("truth", fontsize=8), ax.set_ylabel(PRIMARY[proc], fontsize=7)
+        ax.set_title(proc, fontsize=9)
+        ax.set_xlabel("truth", fontsize=8)
+        ax.set_ylabel(PRIMARY[proc], fontsize=7)
     for ax in axes.ravel()[len(procs) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=7)

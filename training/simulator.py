@@ -7,13 +7,15 @@ returns the frames as ``uint8`` ``(T, H, W, 3)`` together with a caption, the pa
 per-frame ground truth (positions, counts, radii). Lengths are in pixels of the rendered size and
 velocities in pixels per frame; everything is vectorised over frames and objects with numpy.
 
-``write_dataset`` writes H.264 clips plus ``metadata.json`` in the MicroSim format
-(``[{"id", "video", "prompt", ...}]``) and a ``ground_truth.jsonl`` sidecar. ``python -m
-training.simulator bench`` measures single-core clips/s.
+``simulate_prompt`` renders a clip for a free-form prompt (process, direction, look... parsed from
+its words). ``write_dataset`` (CLI: ``simulate_command``, mounted as ``microverse data simulate``)
+writes H.264 clips plus ``metadata.json`` in the MicroSim format (``[{"id", "video", "prompt", ...}]``)
+and a ``ground_truth.jsonl`` sidecar. ``python -m training.simulator bench`` measures single-core clips/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -638,22 +640,17 @@ def write_dataset(
         (f"{processes[i % len(processes)]}_{i:06d}", processes[i % len(processes)], s, size, frames, fps, str(out))
         for i, s in enumerate(clip_seeds(seed, n_clips))
     ]
-    entries, truths = [], []
-    bar = tqdm(total=n_clips, desc="simulate", unit="clip", disable=n_clips < 50)
-    if workers > 1:
-        with get_context("fork").Pool(workers) as pool:
-            for entry, truth in pool.imap(_write_one, jobs, chunksize=16):
-                entries.append(entry), truths.append(truth), bar.update()
-    else:
-        for job in jobs:
-            entry, truth = _write_one(job)
-            entries.append(entry), truths.append(truth), bar.update()
-    bar.close()
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            results = stack.enter_context(get_context("fork").Pool(workers)).imap(_write_one, jobs, chunksize=16)
+        else:
+            results = map(_write_one, jobs)
+        done = list(tqdm(results, total=n_clips, desc="simulate", unit="clip", disable=n_clips < 50))
+    entries = [entry for entry, _ in done]
+    truths = [truth for _, truth in done]
     meta = out / "metadata.json"
     meta.write_text(json.dumps(entries, indent=1))
-    with open(out / "ground_truth.jsonl", "w") as fh:
-        for truth in truths:
-            fh.write(json.dumps(truth) + "\n")
+    (out / "ground_truth.jsonl").write_text("".join(json.dumps(truth) + "\n" for truth in truths))
     logger.info("wrote %d clips to %s", n_clips, out)
     return meta
 
