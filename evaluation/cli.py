@@ -117,6 +117,9 @@ def eval_group() -> None:
 @click.option("--steps", type=int, help="Inference steps.")
 @click.option("--guidance-scale", type=float, help="CFG scale.")
 @click.option("--negative-prompt", help="Negative prompt.")
+@click.option(
+    "--gen-concurrency", type=click.IntRange(1), default=4, show_default=True, help="Generation jobs queued at once."
+)
 @click.option("--gen-seed", type=int, default=0, show_default=True, help="Base generation seed (task i uses seed + i).")
 @click.option(
     "--agreement-tasks", type=int, default=0, show_default=True, help="Judge this many tasks repeatedly for agreement."
@@ -154,6 +157,7 @@ def run_command(**kw: Any) -> None:
             guidance_scale=kw["guidance_scale"],
             negative_prompt=kw["negative_prompt"],
             seed=kw["gen_seed"],
+            max_in_flight=kw["gen_concurrency"],
         )
     result = _run_eval(
         bench,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,8 @@ class GenerationConfig:
     """Seconds between status polls."""
     timeout_s: float = 3600.0
     """Give up on one video after this long."""
+    max_in_flight: int = 4
+    """Jobs queued at the endpoint at once."""
 
     def base_url(self) -> str:
         """The OpenAI base URL."""
@@ -71,56 +74,78 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def generate_videos(
-    tasks: Sequence[Task], config: GenerationConfig, out_dir: Path, cache: JudgementCache
-) -> dict[int, Path]:
-    """Generate the videos of ``tasks`` not yet in ``out_dir``; returns the videos that exist."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    client = openai.OpenAI(base_url=config.base_url(), api_key=config.api_key)
-    extra = {
-        "num_frames": config.num_frames,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "negative_prompt": config.negative_prompt,
+def _start_job(client: openai.OpenAI, task: Task, config: GenerationConfig, cache: JudgementCache) -> str:
+    """The id of the task's live job: the one stored before a kill if it is still usable, else a new one."""
+    job_id = cache.job_id(task.index)
+    if job_id:
+        try:
+            if client.videos.retrieve(job_id).status != "failed":
+                return job_id
+        except openai.NotFoundError:
+            pass
+    body: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "num_frames": config.num_frames,
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "negative_prompt": config.negative_prompt,
+            "seed": None if config.seed is None else config.seed + task.index,
+        }.items()
+        if v is not None
     }
     options = {
         k: v
         for k, v in {"model": config.model, "size": config.size, "seconds": config.seconds}.items()
         if v is not None
     }
-    videos: dict[int, Path] = {}
-    for task in tqdm(tasks, desc="generating videos", unit="video"):
-        path = out_dir / f"{task.index}.mp4"
-        if path.is_file():
-            videos[task.index] = path
-            continue
-        try:
-            job_id = cache.job_id(task.index)
-            job = None
-            if job_id:
-                try:
-                    job = client.videos.retrieve(job_id)
-                except openai.NotFoundError:
-                    job = None
-            if job is None or job.status == "failed":
-                body = {k: v for k, v in extra.items() if v is not None}
-                if config.seed is not None:
-                    body["seed"] = config.seed + task.index
-                job = client.videos.create(prompt=task.task, extra_body=body, **options)
-                cache.set_job_id(task.index, job.id)
-            deadline = time.monotonic() + config.timeout_s
-            while job.status not in ("completed", "failed"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job.id} not done after {config.timeout_s:.0f} s")
-                time.sleep(config.poll_interval_s)
-                job = client.videos.retrieve(job.id)
-            if job.status == "failed":
-                raise RuntimeError(f"job {job.id} failed: {getattr(job, 'error', None)}")
-            _write_atomic(path, client.videos.download_content(job.id).read())
-            cache.set_job_id(task.index, None)
-            videos[task.index] = path
-        except (openai.OpenAIError, RuntimeError, TimeoutError) as exc:
-            logger.error("task %d: generation failed: %s", task.index, exc)
+    job = client.videos.create(prompt=task.task, extra_body=body, **options)
+    cache.set_job_id(task.index, job.id)
+    return job.id
+
+
+def generate_videos(
+    tasks: Sequence[Task], config: GenerationConfig, out_dir: Path, cache: JudgementCache
+) -> dict[int, Path]:
+    """Generate the videos of ``tasks`` not yet in ``out_dir``; returns the videos that exist.
+
+    Up to ``config.max_in_flight`` jobs are queued at the endpoint at once (so the service can
+    batch them) and polled until done.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = openai.OpenAI(base_url=config.base_url(), api_key=config.api_key)
+    videos = {t.index: out_dir / f"{t.index}.mp4" for t in tasks if (out_dir / f"{t.index}.mp4").is_file()}
+    queue = deque(t for t in tasks if t.index not in videos)
+    active: dict[int, tuple[str, float]] = {}  # task index -> (job id, deadline)
+    bar = tqdm(total=len(queue), desc="generating videos", unit="video")
+    while queue or active:
+        while queue and len(active) < config.max_in_flight:
+            task = queue.popleft()
+            try:
+                active[task.index] = (_start_job(client, task, config, cache), time.monotonic() + config.timeout_s)
+            except openai.OpenAIError as exc:
+                logger.error("task %d: cannot start generation: %s", task.index, exc)
+                bar.update(1)
+        time.sleep(config.poll_interval_s)
+        for index, (job_id, deadline) in list(active.items()):
+            try:
+                job = client.videos.retrieve(job_id)
+                if job.status == "completed":
+                    path = out_dir / f"{index}.mp4"
+                    _write_atomic(path, client.videos.download_content(job_id).read())
+                    cache.set_job_id(index, None)
+                    videos[index] = path
+                elif job.status == "failed":
+                    logger.error("task %d: job %s failed: %s", index, job_id, getattr(job, "error", None))
+                elif time.monotonic() > deadline:
+                    logger.error("task %d: job %s not done after %.0f s; given up", index, job_id, config.timeout_s)
+                else:
+                    continue
+            except openai.OpenAIError as exc:
+                logger.error("task %d: job %s: %s", index, job_id, exc)
+            del active[index]
+            bar.update(1)
+    bar.close()
     return videos
 
 
