@@ -88,17 +88,16 @@ def lora_diffusers_to_upstream(
 
 def lora_upstream_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Upstream LoRA keys -> diffusers PEFT keys with the ``transformer.`` prefix (alpha = rank)."""
-    modules = {}
+    parsed = {}
     for key in state_dict:
         m = _LORA_SUFFIX.match(key.removeprefix("diffusion_model.").removeprefix("pipe.dit."))
         if m is None:
             raise ValueError(f"not a LoRA weight: {key}")
-        modules[key] = m
-    renamed = original_to_diffusers_keys({m["module"] + ".weight": key for key, m in modules.items()})
-    return {
-        f"transformer.{new.removesuffix('.weight')}.{modules[old]['ab']}.weight": state_dict[old]
-        for new, old in renamed.items()
-    }
+        parsed[key] = (m["module"], m["ab"])
+    modules = sorted({module for module, _ in parsed.values()})
+    renamed = original_to_diffusers_keys({f"{module}.weight": module for module in modules})
+    to_diffusers = {module: new.removesuffix(".weight") for new, module in renamed.items()}
+    return {f"transformer.{to_diffusers[module]}.{ab}.weight": state_dict[key] for key, (module, ab) in parsed.items()}
 
 
 def save_diffusers_lora(

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from training_test_media import blobs, debug_config
+
+from training.trainer import train
 from training.video import write_video
-from training_test_media import blobs
 
 PROMPTS = ("cells dividing", "blood flowing in a vessel", "bacteria swimming toward source", "vesicles moving along microtubule")
 
@@ -30,3 +32,22 @@ def tiny_dataset(tmp_path_factory) -> Path:
         rows.append({"id": f"clip{i}", "video": f"videos/clip{i}.mp4", "prompt": prompt})
     (root / "metadata.json").write_text(json.dumps(rows))
     return root
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("lora")
+    cfg = debug_config(
+        out, tiny_model, tiny_dataset, max_steps=200, checkpoint_every=100, validation_every=100,
+        optim__lr=5e-3, model__lora_rank=8, model__lora_alpha=16, write_upstream=True,
+    )  # fmt: skip
+    assert train(cfg) == out / "final"
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    cfg = debug_config(out, tiny_model, tiny_dataset, mode="full", max_steps=200, checkpoint_every=100, validation_prompts=(), write_upstream=True)
+    train(cfg)
+    return out

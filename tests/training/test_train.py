@@ -16,41 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training_test_media import debug_config
+
 from training.config import load_config
 from training.trainer import latest_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(out: Path, model: Path, dataset: Path, mode: str = "lora", **fields):
-    cfg = load_config("debug", [f"model.pretrained={model}", f"data.dataset={dataset}", f"output_dir={out}", f"model.mode={mode}"])
-    for key, value in fields.items():
-        section, _, leaf = key.rpartition("__")
-        setattr(getattr(cfg, section) if section else cfg, leaf, value)
-    return cfg
-
-
 def _losses(out: Path) -> np.ndarray:
     return np.array([float(r["loss"]) for r in csv.DictReader(open(out / "loss.csv"))])
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
-    out = tmp_path_factory.mktemp("lora")
-    cfg = _cfg(
-        out, tiny_model, tiny_dataset, max_steps=200, checkpoint_every=100, validation_every=100,
-        optim__lr=5e-3, model__lora_rank=8, model__lora_alpha=16, write_upstream=True,
-    )  # fmt: skip
-    assert train(cfg) == out / "final"
-    return out
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
-    out = tmp_path_factory.mktemp("full")
-    cfg = _cfg(out, tiny_model, tiny_dataset, mode="full", max_steps=200, checkpoint_every=100, validation_prompts=(), write_upstream=True)
-    train(cfg)
-    return out
 
 
 @pytest.mark.parametrize("run", ["lora_run", "full_run"])
@@ -126,10 +101,10 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_model, tiny_dataset):
         max_steps=40, checkpoint_every=5, validation_prompts=(), grad_accum=2, ema_decay=0.9,
         optim__schedule="cosine", optim__warmup_steps=4, data__caption_dropout=0.5,
     )  # fmt: skip
-    ref = _cfg(tmp_path / "ref", tiny_model, tiny_dataset, **fields)
+    ref = debug_config(tmp_path / "ref", tiny_model, tiny_dataset, **fields)
     train(ref)
 
-    killed = _cfg(tmp_path / "killed", tiny_model, tiny_dataset, **fields)
+    killed = debug_config(tmp_path / "killed", tiny_model, tiny_dataset, **fields)
     killed.output_dir = str(tmp_path / "killed")
     from training.config import save_config
 
@@ -165,7 +140,7 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset):
 
     accelerate 1.15's ``--cpu --num_processes 2`` expects mpirun; torchrun-based ``--multi_gpu``
     with ``ACCELERATE_USE_CPU=true`` gives the same two-process gloo (MULTI_CPU) run."""
-    cfg = _cfg(tmp_path / "ddp", tiny_model, tiny_dataset, max_steps=4, checkpoint_every=2, validation_prompts=())
+    cfg = debug_config(tmp_path / "ddp", tiny_model, tiny_dataset, max_steps=4, checkpoint_every=2, validation_prompts=())
     from training.config import save_config
 
     save_config(cfg, tmp_path / "ddp.yaml")

@@ -1,8 +1,13 @@
-"""Synthetic clips for the training tests (microscopy-like blobs and off-topic colour bars)."""
+"""Helpers of the training tests: synthetic clips (microscopy-like blobs, off-topic colour bars)
+and debug-config construction."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from training.config import TrainConfig, load_config
 
 
 def blobs(n: int, size: tuple[int, int], seed: int, background: int = 20, polarity: int = 1, speed: float = 1.5) -> np.ndarray:
@@ -35,3 +40,12 @@ def colour_bars(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
     x = np.arange(w)
     frames = [np.broadcast_to(colours[((x + t * step) // width) % len(colours)][None], (h, w, 3)) for t in range(n)]
     return np.asarray(frames).astype(np.uint8)
+
+
+def debug_config(out: Path, model: Path, dataset: Path, mode: str = "lora", **fields) -> TrainConfig:
+    """The debug config on ``model``/``dataset`` writing to ``out``; ``section__field=value`` sets fields."""
+    cfg = load_config("debug", [f"model.pretrained={model}", f"data.dataset={dataset}", f"output_dir={out}", f"model.mode={mode}"])
+    for key, value in fields.items():
+        section, _, leaf = key.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+    return cfg

@@ -1,0 +1,72 @@
+"""Configs (code, YAML, overrides), the flow-matching objective and bucketed sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from training.cli import train_group
+from training.config import CONFIGS, load_config, save_config
+from training.config import ObjectiveConfig
+from training.dataset import BucketBatchSampler, Sample, choose_bucket
+from training.objective import FlowMatchObjective
+
+
+def test_configs_yaml_round_trip_and_overrides(tmp_path):
+    for name in CONFIGS:
+        cfg = load_config(name)
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        assert load_config(str(tmp_path / f"{name}.yaml")) == cfg
+    (tmp_path / "mine.yaml").write_text("base: debug\noptim:\n  lr: 0.5\ndata:\n  buckets: [[5, 16, 16], [9, 32, 48]]\n")
+    cfg = load_config(str(tmp_path / "mine.yaml"), ["model.mode=full", "max_steps=7"])
+    assert (cfg.name, cfg.optim.lr, cfg.model.mode, cfg.max_steps) == ("debug", 0.5, "full", 7)
+    assert cfg.data.buckets == ((5, 16, 16), (9, 32, 48))
+    with pytest.raises(KeyError):
+        load_config("debug", ["optim.nope=1"])
+    out = CliRunner().invoke(train_group, ["show-config", "lora-1.3b"]).stdout
+    assert "lora_rank: 32" in out and "flow_shift: 5.0" in out and "caption_dropout: 0.1" in out
+
+
+def test_upstream_defaults():
+    cfg = load_config("lora-1.3b")
+    assert cfg.model.lora_rank == 32 and cfg.optim.lr == 1e-4 and cfg.objective.flow_shift == 5.0
+    assert set(cfg.model.lora_targets) == {"to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"}
+    assert cfg.data.caption_dropout == 0.1 and cfg.objective.loss_weighting == "bell"
+    assert load_config("full-1.3b").optim.lr == 1e-5
+
+
+def test_flow_matching_objective():
+    obj = FlowMatchObjective(ObjectiveConfig(flow_shift=5.0))
+    assert obj.weights(obj.schedule).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert obj.weights(obj.schedule).min().item() == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    sigmas = obj.sample_sigmas(20000, g)
+    assert sigmas.median().item() == pytest.approx(5 * 0.5 / (1 + 4 * 0.5), abs=0.02)  # shifted uniform
+    x0, noise, s = torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.25, 1.0])
+    assert torch.allclose(obj.noisy_input(x0, noise, s), torch.tensor([[0.75] * 3, [0.0] * 3]))
+    plain = FlowMatchObjective(ObjectiveConfig(loss_weighting="none"))
+    assert plain.loss(noise - x0, x0, noise, s).item() == 0.0
+    assert plain.loss(torch.zeros(2, 3), x0, noise, s).item() == pytest.approx(1.0)
+    logit = FlowMatchObjective(ObjectiveConfig(timestep_sampling="logit_normal", flow_shift=1.0))
+    assert logit.sample_sigmas(20000, g).mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_buckets_and_sampler_shard_and_resume(tmp_path):
+    buckets = ((81, 480, 832), (81, 832, 480), (33, 480, 832))
+    assert choose_bucket(100, 720, 1280, buckets) == (81, 480, 832)
+    assert choose_bucket(100, 1280, 720, buckets) == (81, 832, 480)
+    assert choose_bucket(50, 720, 1280, buckets) == (33, 480, 832)
+    assert choose_bucket(20, 720, 1280, buckets) is None
+    samples = [Sample(str(i), tmp_path, "", buckets[i % 2], tmp_path) for i in range(10)]
+    ranks = [BucketBatchSampler(samples, 2, seed=1, rank=r, world_size=2, caption_dropout=0.3) for r in (0, 1)]
+    epoch = [list(s) for s in ranks]
+    assert len(epoch[0]) == len(epoch[1]) == 2
+    for batch in epoch[0] + epoch[1]:
+        assert len({samples[i].bucket for i, _ in batch}) == 1
+    seen = [i for b in epoch[0] + epoch[1] for i, _ in b]
+    assert len(seen) == len(set(seen))
+    ranks[0].set_position(0, 1)
+    assert list(ranks[0]) == epoch[0][1:]
+    ranks[0].set_position(1, 0)
+    assert list(ranks[0]) != epoch[0]  # a new shuffle each epoch
