@@ -186,8 +186,10 @@ def test_simulate_command(tmp_path):
 def test_bench_command_reports_rates():
     res = CliRunner().invoke(bench_command, ["-n", "6"])
     assert res.exit_code == 0, res.output
-    rates = [float(x) for x in re.findall(r"([\d.]+) clips/s", res.output)]
-    assert len(rates) == 2 and all(r > 0 for r in rates)
+    wall = [float(x) for x in re.findall(r"([\d.]+) clips/s wall", res.output)]
+    cpu = [float(x) for x in re.findall(r"([\d.]+) clips per CPU-second", res.output)]
+    assert len(wall) == len(cpu) == 2 and all(r > 0 for r in wall + cpu)
+    assert "render only:" in res.output and "render + encode:" in res.output
 
 
 @pytest.mark.parametrize(
