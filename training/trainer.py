@@ -239,13 +239,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
-        state = acc.get_state_dict(self.model) if cfg.model.mode == "full" else None
+        state = acc.get_state_dict(self.model)  # gathered from every rank under FSDP / ZeRO-3
         if acc.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
             if cfg.model.mode == "lora":
                 from peft.utils import get_peft_model_state_dict
 
-                lora = get_peft_model_state_dict(model)
+                lora = get_peft_model_state_dict(model, state_dict=state)
                 save_diffusers_lora(lora, out_dir, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
                 if cfg.write_upstream:
                     upstream = lora_diffusers_to_upstream(lora, cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -369,8 +369,14 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> list[Path]:
         """Render the validation prompts with the current (EMA) weights on the main process."""
+        from accelerate.utils import DistributedType
+
         acc, cfg = self.accelerator, self.cfg
         paths = []
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Sharded weights: one process cannot run the DiT alone; render from the export instead.
+            logger.warning("validation videos are skipped under %s; render from the exported checkpoint", acc.distributed_type)
+            return paths
         if acc.is_main_process and cfg.validation_prompts:
             from diffusers import WanPipeline
             from diffusers.utils import export_to_video

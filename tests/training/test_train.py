@@ -159,3 +159,30 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset):
     assert len(_losses(tmp_path / "ddp")) == 4
     lora = load_file(str(tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in lora)
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path, tiny_model, tiny_dataset):
+    """Gradient checkpointing leaves a LoRA run unchanged; bf16 autocast keeps fp32 master weights."""
+    runs = {}
+    for name, fields in {"plain": {}, "ckpt": {"model__gradient_checkpointing": True}}.items():
+        cfg = debug_config(tmp_path / name, tiny_model, tiny_dataset, max_steps=6, checkpoint_every=6, validation_prompts=(), **fields)
+        train(cfg)
+        runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-0000006" / "trainable.safetensors"))
+    assert all(torch.allclose(runs["plain"][k], runs["ckpt"][k], atol=1e-6) for k in runs["plain"])
+
+    from accelerate.state import AcceleratorState
+
+    from training.trainer import Trainer
+
+    cfg = debug_config(tmp_path / "bf16", tiny_model, tiny_dataset, mode="full", max_steps=3, checkpoint_every=3,
+                       validation_prompts=(), mixed_precision="bf16")  # fmt: skip
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; this test switches it
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state()
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert np.isfinite(_losses(tmp_path / "bf16")).all()
+    state = load_file(str(tmp_path / "bf16" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())
