@@ -78,7 +78,7 @@ class Measurement:
     flow_velocity: tuple[float, float]
     """Mean Farneback optical flow over foreground pixels (cross-check of ``velocity``)."""
     diffusion_coefficient: float
-    """MSD slope / 4 after removing the mean drift (nan without tracks of length > 1)."""
+    """MSD slope / 4 after removing the drift ``velocity`` (nan without tracks of length > 1)."""
     n_links: int
     """Number of frame-to-frame links."""
     drift_toward_source: float | None = None
@@ -116,7 +116,12 @@ def threshold(fg: np.ndarray, cfg: AnalysisConfig | None = None) -> float:
 def detect_blobs(frames: np.ndarray, cfg: AnalysisConfig | None = None) -> tuple[list[Blobs], np.ndarray]:
     """Blobs of every frame, and the foreground masks ``(T, H, W)`` bool."""
     cfg = cfg or AnalysisConfig()
-    fg = foreground(frames, cfg)
+    return blobs_from_foreground(foreground(frames, cfg), cfg)
+
+
+def blobs_from_foreground(fg: np.ndarray, cfg: AnalysisConfig | None = None) -> tuple[list[Blobs], np.ndarray]:
+    """``detect_blobs`` on a precomputed ``foreground`` map."""
+    cfg = cfg or AnalysisConfig()
     masks = fg > threshold(fg, cfg)
     yy, xx = np.mgrid[0 : fg.shape[1], 0 : fg.shape[2]]
     out = []
@@ -185,11 +190,8 @@ def msd_diffusion(tracks: Sequence[np.ndarray], drift: np.ndarray, max_lag: int 
     return float(lag_arr @ msd_arr / (lag_arr @ lag_arr) / 4)  # MSD = 4 D lag, fitted through the origin
 
 
-def optical_flow_velocity(
-    frames: np.ndarray, masks: np.ndarray, cfg: AnalysisConfig | None = None
-) -> tuple[float, float]:
-    """Mean Farneback flow (px/frame) over pixels that are foreground in the earlier frame."""
-    fg = foreground(frames, cfg)
+def optical_flow_velocity(fg: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+    """Mean Farneback flow (px/frame) of a ``foreground`` map over pixels that are foreground in the earlier frame."""
     img = np.clip(fg * (255.0 / max(float(fg.max()), 1e-6)), 0, 255).astype(np.uint8)
     total, n = np.zeros(2), 0
     for t in range(len(img) - 1):
@@ -207,7 +209,8 @@ def analyse(
     """Run every analyser on a video; ``source`` (x, y in px) enables the drift-toward-source measure."""
     cfg = cfg or AnalysisConfig()
     frames = load_video(video)
-    blobs, masks = detect_blobs(frames, cfg)
+    fg = foreground(frames, cfg)
+    blobs, masks = blobs_from_foreground(fg, cfg)
     tracks = link_tracks(blobs, cfg.max_link_fraction * frames.shape[2])
     starts, steps = _links(tracks)
     velocity = np.median(steps, axis=0) if len(steps) else np.zeros(2)
@@ -219,7 +222,7 @@ def analyse(
         counts=[len(b.centroids) for b in blobs],
         areas=[float(b.areas.sum()) for b in blobs],
         velocity=(float(velocity[0]), float(velocity[1])),
-        flow_velocity=optical_flow_velocity(frames, masks, cfg),
+        flow_velocity=optical_flow_velocity(fg, masks),
         diffusion_coefficient=msd_diffusion(tracks, velocity, cfg.max_lag),
         n_links=len(steps),
         drift_toward_source=drift,
