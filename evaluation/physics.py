@@ -606,7 +606,7 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title("physics accuracy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths["accuracy_plot"] = out / "accuracy.png"
     fig.savefig(paths["accuracy_plot"], dpi=100)
