@@ -86,6 +86,31 @@ def export_bento_cmd(checkpoint: str, name: str, labels: tuple[str, ...]) -> Non
     click.echo(export_bento(checkpoint, name, dict(label.split("=", 1) for label in labels)))
 
 
+@train_group.command("benchmark")
+@click.option("--size", type=click.Choice(["1.3b", "14b", "tiny"]), default="1.3b", show_default=True)
+@click.option("--shape", default="81x480x832", show_default=True, help="FRAMESxHEIGHTxWIDTH of the clip.")
+@click.option("--mode", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
+@click.option("--lora-rank", default=32, show_default=True)
+@click.option("--no-gradient-checkpointing", is_flag=True)
+@click.option("--steps", default=5, show_default=True)
+@click.option("--out", type=click.Path(), help="Write the result as JSON here (e.g. docs/training-benchmark.json).")
+def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps, out) -> None:
+    """Seconds per step and peak memory of DiT training at SIZE (random weights, cached-latent step)."""
+    from training.benchmark import benchmark, write_result
+    from training.config import ModelConfig
+
+    _setup_logging()
+    model = ModelConfig(
+        mode=mode, lora_rank=lora_rank, lora_alpha=lora_rank, gradient_checkpointing=not no_gradient_checkpointing,
+        base_dtype="bfloat16" if mode == "lora" else "float32",
+    )  # fmt: skip
+    frames, height, width = (int(v) for v in shape.lower().split("x"))
+    result = benchmark(size, (frames, height, width), model, steps=steps)
+    if out:
+        write_result(result, out)
+    click.echo(json.dumps(result, indent=2))
+
+
 @click.group("data")
 def data_group() -> None:
     """Build a MicroSim-style training set from raw videos (each stage resumable)."""

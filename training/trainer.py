@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.config import TrainConfig, config_to_dict, save_config
+from training.config import ModelConfig, TrainConfig, config_to_dict, save_config
 from training.convert import diffusers_to_original_keys, lora_diffusers_to_upstream, save_diffusers_lora
 from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples
 from training.objective import FlowMatchObjective
@@ -44,6 +44,27 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """Newest complete ``checkpoints/step-N`` folder (partial saves end in ``.tmp``)."""
     ckpts = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"))
     return ckpts[-1] if ckpts else None
+
+
+def prepare_transformer(transformer, cfg: ModelConfig):
+    """Make ``transformer`` trainable per ``cfg``: peft LoRA adapters (fp32) on frozen weights, or every
+    weight for a full fine-tune; plus gradient checkpointing."""
+    if cfg.mode == "lora":
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), init_lora_weights=True)
+        )
+        cast_training_params(transformer, dtype=torch.float32)
+    elif cfg.mode == "full":
+        transformer.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown mode {cfg.mode!r}")
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
 
 
 class Trainer:
@@ -149,24 +170,8 @@ class Trainer:
         from diffusers import WanTransformer3DModel
 
         cfg = self.cfg.model
-        base_dtype = _dtype(cfg.base_dtype) if cfg.mode == "lora" else torch.float32
-        transformer = WanTransformer3DModel.from_pretrained(cfg.pretrained, subfolder="transformer", dtype=base_dtype)
-        if cfg.mode == "lora":
-            from diffusers.training_utils import cast_training_params
-            from peft import LoraConfig
-
-            transformer.requires_grad_(False)
-            transformer.add_adapter(
-                LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), init_lora_weights=True)
-            )
-            cast_training_params(transformer, dtype=torch.float32)
-        elif cfg.mode == "full":
-            transformer.requires_grad_(True)
-        else:
-            raise ValueError(f"unknown mode {cfg.mode!r}")
-        if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        return transformer
+        dtype = _dtype(cfg.base_dtype) if cfg.mode == "lora" else torch.float32
+        return prepare_transformer(WanTransformer3DModel.from_pretrained(cfg.pretrained, subfolder="transformer", dtype=dtype), cfg)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

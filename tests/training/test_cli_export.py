@@ -46,3 +46,12 @@ def test_train_until_step_then_resume_export_and_bento(tmp_path, tiny_model, tin
     stored = load_file(model.path_of("pytorch_lora_weights.safetensors"))
     exported = load_file(str(lora_run / "final" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(stored[k], exported[k]) for k in exported)
+
+
+def test_benchmark_command_cpu(tmp_path):
+    r = CliRunner().invoke(train_group, ["benchmark", "--size", "tiny", "--shape", "9x32x32", "--steps", "2", "--lora-rank", "4",
+                                         "--out", str(tmp_path / "bench.json")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["latent_shape"] == [1, 4, 3, 4, 4] and result["tokens"] == 12
+    assert 0 < result["trainable_parameters"] < result["parameters"] and result["seconds_per_step"] > 0
