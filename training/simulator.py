@@ -345,7 +345,7 @@ def _chemotaxis(rng: np.random.Generator, size: int, frames: int) -> _Scene:
     source = np.array([size / 2 + ux * (size / 2 + 4 * s), size / 2 + uy * (size / 2 + 4 * s)])
     n = int(rng.integers(10, 16))
     speed = rng.uniform(1.3, 2.0) * s
-    bias = rng.uniform(0.45, 0.75)
+    bias = rng.uniform(0.55, 0.8)  # > 0.5: every swim step has a component toward the source
     pos = np.empty((frames, n, 2))
     pos[0] = rng.uniform(5 * s, size - 5 * s, (n, 2))
     heading = rng.uniform(0, 2 * math.pi, n)
