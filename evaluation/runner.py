@@ -10,6 +10,7 @@ started before a kill is polled again instead of re-submitted. Judgements are ca
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -74,8 +75,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _start_job(client: openai.OpenAI, task: Task, config: GenerationConfig, cache: JudgementCache) -> str:
-    """The id of the task's live job: the one stored before a kill if it is still usable, else a new one."""
+def _existing_jobs(client: openai.OpenAI, config: GenerationConfig, limit: int = 1000) -> dict[tuple[str, int], str]:
+    """Live jobs at the endpoint with this run's settings, by (prompt, seed), from the newest ``limit``.
+
+    A kill between submitting a job and recording its id leaves a job nobody knows; adopting
+    it by its prompt and seed avoids generating the same video twice.
+    """
+    wanted = {"size": config.size, "num_frames": config.num_frames, "num_inference_steps": config.num_inference_steps}
+    found: dict[tuple[str, int], str] = {}
+    for job in itertools.islice(client.videos.list(limit=100), limit):
+        seed = getattr(job, "seed", None)
+        if job.status == "failed" or seed is None:
+            continue
+        if all(v is None or getattr(job, k, None) == v for k, v in wanted.items()):
+            found.setdefault((job.prompt, seed), job.id)
+    return found
+
+
+def _start_job(
+    client: openai.OpenAI,
+    task: Task,
+    config: GenerationConfig,
+    cache: JudgementCache,
+    existing: dict[tuple[str, int], str],
+) -> str:
+    """The id of the task's live job: one recorded or left before a kill if still usable, else a new one."""
     job_id = cache.job_id(task.index)
     if job_id:
         try:
@@ -83,6 +107,11 @@ def _start_job(client: openai.OpenAI, task: Task, config: GenerationConfig, cach
                 return job_id
         except openai.NotFoundError:
             pass
+    if config.seed is not None and (task.task, config.seed + task.index) in existing:
+        job_id = existing[(task.task, config.seed + task.index)]
+        logger.info("task %d: adopting job %s already at the endpoint", task.index, job_id)
+        cache.set_job_id(task.index, job_id)
+        return job_id
     body: dict[str, Any] = {
         k: v
         for k, v in {
@@ -117,12 +146,16 @@ def generate_videos(
     videos = {t.index: out_dir / f"{t.index}.mp4" for t in tasks if (out_dir / f"{t.index}.mp4").is_file()}
     queue = deque(t for t in tasks if t.index not in videos)
     active: dict[int, tuple[str, float]] = {}  # task index -> (job id, deadline)
+    existing = _existing_jobs(client, config) if queue and config.seed is not None else {}
     bar = tqdm(total=len(queue), desc="generating videos", unit="video")
     while queue or active:
         while queue and len(active) < config.max_in_flight:
             task = queue.popleft()
             try:
-                active[task.index] = (_start_job(client, task, config, cache), time.monotonic() + config.timeout_s)
+                active[task.index] = (
+                    _start_job(client, task, config, cache, existing),
+                    time.monotonic() + config.timeout_s,
+                )
             except openai.OpenAIError as exc:
                 logger.error("task %d: cannot start generation: %s", task.index, exc)
                 bar.update(1)

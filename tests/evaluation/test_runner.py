@@ -228,12 +228,12 @@ def _cache_rows(db: Path) -> int:
         return 0
 
 
-def test_killed_run_resumes_without_duplicate_judge_calls(fake_judge, videos_dir, tmp_path, bench_dir):
+def test_killed_run_resumes_without_duplicate_judge_calls(fake_judge, videos_dir, tmp_path, bench_dir, subprocess_env):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "evaluation", *_run_args(fake_judge, videos_dir, out, bench_dir, "--concurrency", "3")]
     fake_judge.state.max_answers = 7  # answer 7 calls, then hold the ones in flight
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 120
@@ -253,7 +253,7 @@ def test_killed_run_resumes_without_duplicate_judge_calls(fake_judge, videos_dir
     fake_judge.state.release.set()  # held requests of the dead run get 503, never an answer
     fake_judge.state.max_answers = None
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=300)
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
     assert fake_judge.state.total_answered == 18  # 6 tasks x 3 dimensions
     assert fake_judge.state.duplicates == 0
