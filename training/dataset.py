@@ -21,9 +21,6 @@ from training.video import read_video, resize_crop
 
 logger = logging.getLogger(__name__)
 
-EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
-
-
 @dataclass
 class Sample:
     """One row of ``metadata.json`` with its bucket and cache file."""
@@ -75,7 +72,8 @@ def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str,
     samples = []
     for i, row in enumerate(read_metadata(dataset)):
         video = (dataset / row["video"]).resolve()
-        bucket = choose_bucket(*_probe(video), buckets)
+        known = all(row.get(k) for k in ("frames", "height", "width"))  # written by the data pipeline
+        bucket = choose_bucket(*((row["frames"], row["height"], row["width"]) if known else _probe(video)), buckets)
         if bucket is None:
             logger.warning("skipping %s: shorter than every bucket", video)
             continue
@@ -130,8 +128,6 @@ def build_cache(accelerator, pipe, missing: list[Sample], cache_dir: Path, text_
         tmp.replace(sample.cache_file)
     prompts = ["", *extra_prompts]
     embeds = dict(zip(prompts, encode_prompts(pipe, prompts, text_max_length, device)))
-    if accelerator.is_main_process:
-        save_file({"prompt_embeds": embeds[""].contiguous()}, str(cache_dir / EMPTY_PROMPT_FILE))
     accelerator.wait_for_everyone()
     return embeds
 

@@ -10,11 +10,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from training_test_media import blobs, colour_bars
+from training_test_media import blobs, colour_bars, debug_config
 
 from training.cli import data_group
 from training.data.classifier import ClassifierConfig, VideoClassifier, train_classifier
 from training.data.pipeline import DataPipelineConfig, build_dataset, motion_score
+from training.trainer import train
 from training.video import read_video, write_video
 
 SIZE = (48, 64)  # raw videos: 64x48 at 24 fps
@@ -26,7 +27,7 @@ def _raw_videos(root):
 
     cellular/a.mp4: dark blobs | bright-background dark blobs | colour bars (off-topic)   -> 3 shots
     b.mp4 (+ b.txt caption): blobs | a frozen frame (static)                             -> 2 shots
-    c.mp4: the first shot of a.mp4 again (near-duplicate)                                -> 1 shot
+    c.mp4 (caption in metadata.json): the first shot of a.mp4 again (near-duplicate)      -> 1 shot
     broken.mp4: not a video
     """
     n = 36
@@ -37,6 +38,7 @@ def _raw_videos(root):
     write_video(root / "b.mp4", np.concatenate([blobs(n, SIZE, seed=4, background=15), np.repeat(still, n, 0)]), fps=24)
     (root / "b.txt").write_text("bacteria swimming toward source")
     write_video(root / "c.mp4", shot1, fps=24)
+    (root / "metadata.json").write_text(json.dumps([{"video": "c.mp4", "prompt": "cells dividing"}]))  # upstream format
     (root / "broken.mp4").write_bytes(b"not a video at all" * 50)
 
 
@@ -101,7 +103,7 @@ def test_classifier_precision_recall(tmp_path):
     assert on > 0.5 > off
 
 
-def test_pipeline_end_to_end(tmp_path, fake_vlm):
+def test_pipeline_end_to_end(tmp_path, fake_vlm, tiny_model):
     raw, out = tmp_path / "raw", tmp_path / "dataset"
     _raw_videos(raw)
     _labelled(tmp_path / "labelled")
@@ -132,7 +134,7 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm):
     assert [round(s, 2) for s, _ in shots_a] == [0.0, 1.5, 3.0]  # the planted cuts
     assert clips["cellular_a-002"]["dropped"] == "off_topic"  # the colour-bar shot
     assert clips["b-001"]["dropped"] == "static"
-    assert {clips["c-000"].get("dropped"), clips["cellular_a-000"].get("dropped")} == {None, "duplicate"}
+    assert "dropped" not in clips["c-000"] and clips["cellular_a-000"]["dropped"] == "duplicate"  # first by id wins
 
     rows = json.loads((out / "metadata.json").read_text())
     assert len(rows) == 3
@@ -142,13 +144,19 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm):
         assert frames.shape == (9, 32, 32, 3) and fps == 16
     by_id = {r["id"]: r for r in rows}
     assert by_id["b-000"]["prompt"] == "bacteria swimming toward source"  # sidecar caption kept
+    assert by_id["c-000"]["prompt"] == "cells dividing"  # caption from the source metadata.json kept
     assert by_id["cellular_a-001"]["prompt"] == FAKE_CAPTION and by_id["cellular_a-001"]["level"] == "cellular"
-    assert len(_FakeVLM.requests) == 2  # only the uncaptioned kept clips went to the VLM
+    assert len(_FakeVLM.requests) == 1  # only the uncaptioned kept clip went to the VLM
     assert _FakeVLM.requests[0]["messages"][0]["content"][1]["type"] == "image_url"
 
     # Resumable: a second run redoes nothing and a new source is picked up incrementally.
     write_video(raw / "d.mp4", blobs(36, SIZE, seed=9, background=30), fps=24)
     again = build_dataset(DataPipelineConfig(**{**json.loads((out / "pipeline.json").read_text()), "buckets": ((32, 32),)}))
     assert again["shots"]["new"] == 1 and again["clips"]["new"] == 1 and again["motion"]["scored"] == 1
-    assert len(_FakeVLM.requests) == 3
+    assert len(_FakeVLM.requests) == 2
     assert len(json.loads((out / "metadata.json").read_text())) == 4
+
+    # The trainer reads the result as is (frames/height/width from the metadata pick the bucket).
+    cfg = debug_config(tmp_path / "run", tiny_model, out, max_steps=2, checkpoint_every=2, validation_prompts=())
+    assert train(cfg) == tmp_path / "run" / "final"
+    assert len(list((tmp_path / "run" / "cache").glob("*.safetensors"))) == 4 + 1  # 4 clips + prompts

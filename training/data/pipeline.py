@@ -187,12 +187,18 @@ def _cut(job: dict) -> dict:
     }  # fmt: skip
 
 
-def _existing_caption(source: Path) -> str | None:
-    """A caption shipped with the source as ``<name>.txt`` (kept instead of a VLM caption)."""
-    sidecar = source.with_suffix(".txt")
-    if not sidecar.exists():
-        return None
-    return sidecar.read_text().strip() or None
+def existing_captions(root: Path) -> dict[str, str]:
+    """Captions shipped with the sources (kept instead of VLM captions), by path relative to ``root``:
+    rows of an upstream-format ``root/metadata.json``, overridden by ``<video>.txt`` sidecars."""
+    captions = {}
+    if (root / "metadata.json").exists():
+        captions = {str(Path(r["video"])): r["prompt"] for r in json.loads((root / "metadata.json").read_text()) if r.get("prompt")}
+    for sidecar in root.rglob("*.txt"):
+        text = sidecar.read_text().strip()
+        for ext in VIDEO_EXTENSIONS:
+            if text and sidecar.with_suffix(ext).exists():
+                captions[str(sidecar.with_suffix(ext).relative_to(root))] = text
+    return captions
 
 
 def cut_clips(cfg: DataPipelineConfig) -> dict:
@@ -200,6 +206,7 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
     root, out = Path(cfg.input_dir), Path(cfg.output_dir)
     manifest = Manifest(out)
     jobs = []
+    captions = existing_captions(root)
     for source, info in sorted(manifest.sources.items()):
         level = Path(source).parts[0] if len(Path(source).parts) > 1 else cfg.level
         for i, (start, end) in enumerate(info.get("shots", [])):
@@ -207,8 +214,8 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
             if cid in manifest.clips:
                 continue
             record = {"id": cid, "video": f"clips/{cid}.mp4", "source": source, "shot_start": start, "shot_end": end, "level": level}
-            if (caption := _existing_caption(root / source)) is not None:
-                record["prompt"], record["caption_source"] = caption, "sidecar"
+            if source in captions:
+                record["prompt"], record["caption_source"] = captions[source], "provided"
             manifest.clips[cid] = {**record, "pending": True}
             jobs.append({
                 "id": cid, "path": str(root / source), "start": start, "end": end, "out": str(out / record["video"]),
