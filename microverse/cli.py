@@ -84,7 +84,7 @@ def generate(prompt, output, negative_prompt, height, width, num_frames, num_inf
 
     settings = build_settings(overrides)
     engine = DiffusersEngine.from_settings(settings)
-    limits = limits_of(settings)
+    limits = limits_of(settings, engine)
     try:
         spec = resolve(GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                                        num_frames=num_frames, num_inference_steps=num_inference_steps,

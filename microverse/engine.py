@@ -121,4 +121,4 @@ class DiffusersEngine:
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # (B, C, T, H, W) in [-1, 1]
         video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return [v.permute(1, 2, 3, 0).cpu().numpy() for v in video]
+        return [v.permute(1, 2, 3, 0).contiguous().cpu().numpy() for v in video]

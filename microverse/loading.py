@@ -87,13 +87,7 @@ def embedded_model_path(settings: Settings) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    cfg = TinyWanConfig()
-    save_tiny_pipeline(tmp, cfg)
-    defaults = ModelDefaults(
-        height=64, width=64, num_frames=17, num_inference_steps=10, guidance_scale=5.0, fps=16,
-        max_sequence_length=cfg.max_sequence_length,
-    )
-    (tmp / DEFAULTS_FILE).write_text(json.dumps(defaults.__dict__, indent=2))
+    save_tiny_pipeline(tmp, TinyWanConfig())
     (tmp / "README.md").write_text(f"# {EMBEDDED_NAME}\n\n{EMBEDDED_DESCRIPTION}\n")
     try:
         os.replace(tmp, target)

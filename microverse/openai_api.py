@@ -98,7 +98,7 @@ def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int
             raise InputError("seconds", f"seconds must be positive, got {body.seconds:g}")
         num_frames = 4 * max(0, round((body.seconds * fps - 1) / 4)) + 1  # nearest 4k+1
         if num_frames > max_frames:
-            raise InputError("seconds", f"{body.seconds:g} s at {fps} fps is {num_frames} frames; the limit is {max_frames}")
+            raise InputError("seconds", f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the limit is {max_frames}")
     return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
                            num_frames=num_frames, num_inference_steps=body.num_inference_steps,
                            guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps)

@@ -27,9 +27,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def limits_of(settings: Settings) -> Limits:
-    """The request limits the settings impose."""
-    return Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames, max_steps=settings.max_steps)
+def limits_of(settings: Settings, engine: VideoEngine | None = None) -> Limits:
+    """The request limits the settings (and the model's positional embedding) impose."""
+    max_side = 1 << 30
+    if engine is not None:
+        pipe = engine.model.pipe
+        cfg = pipe.transformer.config
+        max_side = cfg.rope_max_seq_len * cfg.patch_size[1] * pipe.vae_scale_factor_spatial
+    return Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames, max_steps=settings.max_steps,
+                  max_side=max_side)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class Runtime:
 
     @property
     def limits(self) -> Limits:
-        return limits_of(self.settings)
+        return limits_of(self.settings, self.engine)
 
     def info(self) -> dict:
         """What ``/info`` reports."""

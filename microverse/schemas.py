@@ -36,6 +36,8 @@ class Limits:
     """Largest num_frames."""
     max_steps: int
     """Largest num_inference_steps."""
+    max_side: int = 1 << 30
+    """Largest height or width the model's positional embedding covers."""
 
 
 class GenerateRequest(BaseModel):
@@ -93,6 +95,8 @@ def check_inputs(
     for name, value in (("height", height), ("width", width)):
         if value < 16 or value % 16:
             raise InputError(name, f"{name} must be a positive multiple of 16, got {value}")
+        if value > limits.max_side:
+            raise InputError(name, f"{name} {value} exceeds what this model supports ({limits.max_side})")
     if height * width > limits.max_pixels:
         raise InputError("height", f"height x width = {height * width} exceeds the limit of {limits.max_pixels} pixels")
     if num_frames < 1 or (num_frames - 1) % 4:

@@ -135,13 +135,18 @@ def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
 
 
 def save_tiny_pipeline(path: str | Path, cfg: TinyWanConfig | None = None) -> Path:
-    """Build and ``save_pretrained`` a tiny pipeline into ``path``; returns the path."""
+    """Build and ``save_pretrained`` a tiny pipeline into ``path`` with small generation defaults."""
     import json
+
+    from .loading import DEFAULTS_FILE, ModelDefaults
 
     cfg = cfg or TinyWanConfig()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     build_tiny_pipeline(cfg).save_pretrained(path)
     (path / "microverse_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+    defaults = ModelDefaults(height=64, width=64, num_frames=17, num_inference_steps=10, guidance_scale=5.0,
+                             fps=16, max_sequence_length=cfg.max_sequence_length)
+    (path / DEFAULTS_FILE).write_text(json.dumps(asdict(defaults), indent=2))
     logger.info("saved tiny Wan pipeline to %s", path)
     return path

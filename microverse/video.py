@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import tempfile
 from pathlib import Path
 
 import av
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -14,21 +17,25 @@ logger = logging.getLogger(__name__)
 
 
 def encode_mp4(frames: np.ndarray, fps: int, crf: int = 17) -> bytes:
-    """Encode uint8 frames (T, H, W, 3) as H.264 yuv420p mp4 at ``fps``; returns the bytes."""
+    """Encode uint8 frames (T, H, W, 3) as H.264 yuv420p mp4 at ``fps``; returns the bytes.
+
+    Runs the ffmpeg binary that ``imageio-ffmpeg`` ships, in its own process: in-process libx264
+    (through PyAV) produced different bitstreams for identical frames when threads were busy, and
+    a seed must reproduce the same file.
+    """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    _, height, width, _ = frames.shape
+    with tempfile.TemporaryDirectory(prefix="microverse-enc-") as tmp:
+        out = Path(tmp) / "video.mp4"
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+               "-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-movflags", "+faststart", str(out)]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+        if proc.returncode != 0:
+            raise OSError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}")
+        return out.read_bytes()
 
 
 def thumbnail(frames: np.ndarray, fmt: str = "webp") -> bytes:

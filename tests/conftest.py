@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny seeded Wan checkpoints, in-process apps, and a real ``bentoml serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Wan pipeline saved with ``save_pretrained`` (what a user's checkpoint folder looks like)."""
+    from microverse.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-wan"))
+
+
+@pytest.fixture
+def make_settings(tmp_path, tiny_model_dir):
+    """Settings for an isolated runtime on the tiny checkpoint (overrides as keyword arguments)."""
+    from microverse.config import Settings
+
+    def make(**overrides):
+        base = dict(model=str(tiny_model_dir), storage_dir=tmp_path / "storage", embedded_dir=tmp_path / "models",
+                    max_batch_wait_ms=0)
+        base.update(overrides)
+        return Settings(**base)
+
+    return make
+
+
+@pytest.fixture
+def make_client(make_settings):
+    """In-process FastAPI client on a started Runtime; stops every runtime it made."""
+    from fastapi.testclient import TestClient
+
+    from microverse.api import create_app
+    from microverse.runtime import Runtime
+
+    runtimes = []
+
+    def make(**overrides):
+        app = create_app()
+        app.state.runtime = Runtime.start(make_settings(**overrides))
+        runtimes.append(app.state.runtime)
+        return TestClient(app)
+
+    yield make
+    for rt in runtimes:
+        rt.stop()
+
+
+class Server:
+    """A ``bentoml serve service:MicroVerse`` subprocess on loopback."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> "Server":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(self.port),
+             "--host", "127.0.0.1"],
+            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group (a crash, not a shutdown)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start a real service with extra ``MICROVERSE_*`` env; all are stopped at the end."""
+    servers = []
+
+    def start(**env) -> Server:
+        base = {"MICROVERSE_CACHE_DIR": str(tmp_path / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp_path / "storage")}
+        base.update({k: str(v) for k, v in env.items()})
+        server = Server(base, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def microverse_server(tmp_path_factory):
+    """One real service with the embedded default model for the whole session; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("server")
+    server = Server({"MICROVERSE_CACHE_DIR": str(tmp / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp / "storage"),
+                     "MICROVERSE_MAX_BATCH_WAIT_MS": "300"}, tmp / "server.log")
+    server.start()
+    yield server.url
+    server.stop()

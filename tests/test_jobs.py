@@ -1,0 +1,66 @@
+"""The durable job store: persistence, recovery after a crash, expiry, corrupted records."""
+
+import time
+
+from microverse.jobs import JobStore
+from microverse.schemas import GenerationSpec
+
+SPEC = GenerationSpec(prompt="p", negative_prompt="", height=32, width=32, num_frames=5, num_inference_steps=2,
+                      guidance_scale=5.0, seed=1, fps=8)
+
+
+def test_job_survives_reopen_and_interrupted_jobs_are_requeued_then_failed(tmp_path):
+    store = JobStore(tmp_path, retention_s=60, max_attempts=2)
+    job = store.create(SPEC, "m")
+    assert store.claim_batch(SPEC.batch_key, 4)[0].id == job.id
+    store.close()  # "crash" while in progress
+
+    store = JobStore(tmp_path, retention_s=60, max_attempts=2)
+    assert store.recover() == {"requeued": 1, "failed": 0}
+    assert store.get(job.id).status == "queued"
+    store.claim_batch(SPEC.batch_key, 4)
+    store.close()  # second crash: out of attempts
+
+    store = JobStore(tmp_path, retention_s=60, max_attempts=2)
+    assert store.recover() == {"requeued": 0, "failed": 1}
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error_code == "interrupted" and "2 time" in failed.error_message
+
+
+def test_claim_batch_only_takes_compatible_jobs_oldest_first(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    a, b = store.create(SPEC, "m"), store.create(SPEC, "m")
+    other = store.create(GenerationSpec(**{**SPEC.__dict__, "height": 48}), "m")
+    batch = store.claim_batch(SPEC.batch_key, 4)
+    assert [j.id for j in batch] == [a.id, b.id]
+    assert store.get(other.id).status == "queued"
+
+
+def test_expired_jobs_and_files_are_deleted(tmp_path):
+    store = JobStore(tmp_path, retention_s=1)
+    job = store.create(SPEC, "m")
+    store.claim_batch(SPEC.batch_key, 1)
+    store.video_path(job.id).write_bytes(b"mp4")
+    store.thumb_path(job.id).write_bytes(b"img")
+    assert store.complete(job.id, {})
+    assert store.expire(now=time.time()) == 0
+    assert store.expire(now=time.time() + 5) == 1
+    assert store.get(job.id) is None and not store.video_path(job.id).exists() and not store.thumb_path(job.id).exists()
+
+
+def test_corrupted_record_is_failed_with_a_reason_not_fatal(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    bad, good = store.create(SPEC, "m"), store.create(SPEC, "m")
+    store._execute("UPDATE jobs SET spec='{broken' WHERE id=?", (bad.id,))
+    assert store.oldest_queued().id == good.id
+    row = store._execute("SELECT status, error_code FROM jobs WHERE id=?", (bad.id,)).fetchone()
+    assert tuple(row) == ("failed", "corrupted_record")
+
+
+def test_pagination(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    ids = [store.create(SPEC, "m").id for _ in range(5)]
+    page1 = store.list(limit=2, order="asc")
+    page2 = store.list(limit=2, order="asc", after=page1[-1].id)
+    assert [j.id for j in page1 + page2] == ids[:4]
+    assert [j.id for j in store.list(limit=10)] == ids[::-1]
