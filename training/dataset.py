@@ -70,7 +70,7 @@ def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str,
     """Samples of the dataset with buckets and cache paths (clips fitting no bucket are skipped)."""
     dataset = Path(dataset)
     samples = []
-    for i, row in enumerate(read_metadata(dataset)):
+    for row in read_metadata(dataset):
         video = (dataset / row["video"]).resolve()
         known = all(row.get(k) for k in ("frames", "height", "width"))  # written by the data pipeline
         bucket = choose_bucket(*((row["frames"], row["height"], row["width"]) if known else _probe(video)), buckets)

@@ -97,20 +97,20 @@ class Trainer:
         if not self.samples:
             raise ValueError(f"no usable clips in {cfg.data.dataset}")
         self.prompt_embeds = self._prepare_cache()
-        self.transformer = self._load_transformer()
-        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        # The model is prepared before the optimizer exists, so FSDP's sharded parameters are optimised.
+        self.model = acc.prepare(self._load_transformer())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         logger.info("%s fine-tune: %d trainable parameters", cfg.model.mode, sum(p.numel() for p in self.params))
 
         from diffusers.optimization import get_scheduler
 
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+        self.optimizer = acc.prepare(
+            torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         )
         # Not passed to prepare(): accelerate would step it once per process.
         self.lr_scheduler = get_scheduler(
             cfg.optim.schedule, self.optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
         )
-        self.model, self.optimizer = acc.prepare(self.transformer, self.optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = None
         if cfg.ema_decay is not None:

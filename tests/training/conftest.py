@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from training_test_media import blobs, debug_config
 
 from training.trainer import train

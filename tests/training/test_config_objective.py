@@ -7,8 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from training.cli import train_group
-from training.config import CONFIGS, load_config, save_config
-from training.config import ObjectiveConfig
+from training.config import CONFIGS, ObjectiveConfig, load_config, save_config
 from training.dataset import BucketBatchSampler, Sample, choose_bucket
 from training.objective import FlowMatchObjective
 

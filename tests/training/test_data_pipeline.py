@@ -160,3 +160,21 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm, tiny_model):
     cfg = debug_config(tmp_path / "run", tiny_model, out, max_steps=2, checkpoint_every=2, validation_prompts=())
     assert train(cfg) == tmp_path / "run" / "final"
     assert len(list((tmp_path / "run" / "cache").glob("*.safetensors"))) == 4 + 1  # 4 clips + prompts
+
+
+def test_clips_stage_redoes_work_of_a_killed_run(tmp_path):
+    from training.data.pipeline import cut_clips, detect_shots
+
+    write_video(tmp_path / "raw" / "v.mp4", np.concatenate([blobs(24, SIZE, seed=1), colour_bars(24, SIZE, seed=2)]), fps=24)
+    cfg = DataPipelineConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "out"), workers=1,
+                             buckets=((32, 32),), max_frames=9, min_frames=9)  # fmt: skip
+    assert detect_shots(cfg)["shots"] == 2
+    assert cut_clips(cfg)["new"] == 2
+    # A run killed mid-stage leaves a pending record (and maybe no file): the next run cuts it again.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest["clips"]["v-001"] = {"id": "v-001", "pending": True}
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "out" / "clips" / "v-001.mp4").unlink()
+    assert cut_clips(cfg) == {"new": 1, "kept": 2}
+    assert read_video(tmp_path / "out" / "clips" / "v-001.mp4")[0].shape == (9, 32, 32, 3)
+    assert detect_shots(cfg)["new"] == 0

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from training_test_media import debug_config
 
 from training.config import load_config

@@ -133,7 +133,7 @@ def train_classifier(data_dir: str | Path, out_dir: str | Path, cfg: ClassifierC
     cache = {p: clf.pixel_values([p])[0] for p, _ in tqdm(train + test, desc="decoding")}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
-    for epoch in tqdm(range(cfg.epochs), desc="classifier epochs"):
+    for _ in tqdm(range(cfg.epochs), desc="classifier epochs"):
         rng.shuffle(train)
         for i in range(0, len(train), cfg.batch_size):
             batch = train[i : i + cfg.batch_size]

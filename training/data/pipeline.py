@@ -205,6 +205,9 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
     """Stage 2: one normalised clip per shot (``clips/<id>.mp4``); broken and too short are dropped."""
     root, out = Path(cfg.input_dir), Path(cfg.output_dir)
     manifest = Manifest(out)
+    # A killed run leaves "pending" records: forget them so this run cuts them again.
+    for cid in [c for c, r in manifest.clips.items() if r.get("pending")]:
+        del manifest.clips[cid]
     jobs = []
     captions = existing_captions(root)
     for source, info in sorted(manifest.sources.items()):
@@ -226,9 +229,6 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
         record.pop("pending")
         record.update(result)
         manifest.save(force=False)
-    # A killed run leaves "pending" records: forget them so the next run cuts them again.
-    for cid in [c for c, r in manifest.clips.items() if r.get("pending")]:
-        del manifest.clips[cid]
     manifest.save()
     reasons = Counter(r.get("dropped") for r in manifest.clips.values())
     return _log_summary("clips", {"new": len(jobs), "kept": reasons.pop(None, 0), **{f"dropped_{k}": v for k, v in reasons.items()}})
