@@ -16,6 +16,7 @@ import click
 
 from .benchmark import LEVELS, load_benchmark, select_tasks
 from .judge import JudgeConfig, JudgeConfigError, VLMJudge
+from .physics import physics_command
 from .report import build_report, compare_markdown, load_report, plot_reports, render_markdown, write_report
 from .runner import EvalResult, GenerationConfig, export_upstream, rescore_upstream, run_eval
 
@@ -275,3 +276,6 @@ def compare_command(runs: tuple[Path, ...], out: Path | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(text, encoding="utf-8")
         plot_reports(reports, out)
+
+
+eval_group.add_command(physics_command)

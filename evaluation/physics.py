@@ -411,30 +411,21 @@ def simulator_generate(cases: Sequence[PhysicsCase]) -> Generate:
 def wan_generate(
     model_path: str | Path, size: int = 64, frames: int = 17, steps: int = 20, guidance_scale: float = 5.0
 ) -> Generate:
-    """``generate`` from a diffusers ``WanPipeline`` loaded with ``from_pretrained(model_path)`` on CPU.
+    """``generate`` from a checkpoint folder through the serving engine (``microverse.engine``).
 
-    Used for the untrained floor (and any checkpoint folder); the serving engine is the production path.
+    The same loading, settings and code path as the service, so the metrics measure what users get.
     """
-    import torch
-    from diffusers import WanPipeline
+    from microverse.config import Settings
+    from microverse.engine import DiffusersEngine
+    from microverse.schemas import GenerationSpec
 
-    pipe = WanPipeline.from_pretrained(str(model_path), dtype=torch.float32).to("cpu")
-    pipe.set_progress_bar_config(disable=True)
-    max_len = getattr(pipe.tokenizer, "model_max_length", 512)
+    engine = DiffusersEngine.from_settings(Settings(model=str(model_path)))
+    negative = engine.model.defaults.negative_prompt
 
     def generate(prompt: str, seed: int) -> np.ndarray:
-        out = pipe(
-            prompt=prompt,
-            height=size,
-            width=size,
-            num_frames=frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-            max_sequence_length=min(max_len, 512),
-        )
-        return load_video(out.frames[0])
+        spec = GenerationSpec(prompt=prompt, negative_prompt=negative, height=size, width=size, num_frames=frames,
+                              num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, fps=16)
+        return engine.generate([spec]).videos[0]
 
     return generate
 
@@ -650,7 +641,7 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     "models",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     multiple=True,
-    help="diffusers WanPipeline folder, run with from_pretrained on CPU (e.g. an untrained model: the floor).",
+    help="Checkpoint folder run through the serving engine (e.g. an untrained model: the floor).",
 )
 @click.option(
     "--n-per-process",

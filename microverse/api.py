@@ -13,6 +13,7 @@ import logging
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY_BYTES = 64 * 1024
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 UNPROTECTED = ("/livez", "/readyz", "/healthz")
 
 
@@ -90,6 +92,51 @@ def retry_after_s(rt: Runtime) -> int:
     return max(1, int(per_call * batches + 0.999))
 
 
+def finished_video(rt: Runtime, job_id: str):
+    """Path of a completed job's mp4, or None."""
+    job = rt.store.get(job_id)
+    if job is None or job.status != "completed":
+        return None
+    path = rt.store.video_path(job.id)
+    return path if path.is_file() else None
+
+
+async def parse_judge_body(request: Request):
+    """``/judge`` body: JSON, or multipart with a ``video`` file and the other fields as form fields."""
+    from evaluation.judge_api import JudgeRequest
+
+    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES:
+        raise APIError(413, f"request body is larger than {MAX_UPLOAD_BYTES} bytes", "video", "body_too_large")
+    upload = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
+        data = {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                data[key] = value
+            elif key == "video":
+                upload = await value.read()
+            else:
+                raise APIError(400, f"unexpected file field '{key}'; upload the video as 'video'", key, "invalid_value")
+        if "rubric" in data:
+            try:
+                data["rubric"] = json.loads(data["rubric"])
+            except ValueError:
+                raise APIError(400, "rubric must be a JSON object", "rubric", "invalid_value") from None
+    else:
+        try:
+            data = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}", "body", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object", "body", "invalid_json")
+    try:
+        return JudgeRequest.model_validate(data), upload
+    except ValidationError as exc:
+        param, message = validation_message(exc.errors()[0])
+        raise APIError(400, message, param, "invalid_value") from None
+
+
 def create_app() -> FastAPI:
     """The FastAPI app; ``app.state.runtime`` is set by whoever starts the service."""
     app = FastAPI(title="MicroVerse", version="0.1.0",
@@ -139,6 +186,18 @@ def create_app() -> FastAPI:
     async def info(request: Request):
         """Model source, architecture, dtype, device, attention backend, quantization, versions."""
         return get_runtime(request).info()
+
+    @app.post("/judge")
+    async def judge(request: Request):
+        """Judge a video (upload, base64, job id or public URL) against a task index or a custom rubric."""
+        rt = get_runtime(request)
+        if rt.judge is None:
+            raise APIError(503, "no judge is configured: set MICROVERSE_JUDGE_BASE_URL, MICROVERSE_JUDGE_MODEL "
+                           "and MICROVERSE_JUDGE_API_KEY (any OpenAI-compatible vision-language model)",
+                           None, "judge_not_configured")
+        judge_request, upload = await parse_judge_body(request)
+        return await run_in_threadpool(rt.judge.handle, judge_request, upload, lambda jid: finished_video(rt, jid),
+                                       MAX_UPLOAD_BYTES)
 
     app.include_router(build_router(get_runtime, parse_body, submit, owner_of), prefix="/v1")
     return app

@@ -50,6 +50,22 @@ def install_handlers(app) -> None:
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
+    from evaluation.judge import JudgeConfigError, JudgeError
+    from evaluation.judge_api import JudgeInputError
+
+    @app.exception_handler(JudgeInputError)
+    async def _judge_input(request: Request, exc: JudgeInputError):
+        return error_response(exc.status_code, exc.message if exc.field in exc.message else f"{exc.field}: {exc.message}",
+                              exc.field, "invalid_value")
+
+    @app.exception_handler(JudgeError)
+    async def _judge_failed(request: Request, exc: JudgeError):
+        return error_response(502, f"the judge model failed: {exc}", None, "judge_failed")
+
+    @app.exception_handler(JudgeConfigError)
+    async def _judge_config(request: Request, exc: JudgeConfigError):
+        return error_response(502, f"the judge model refused the configuration: {exc}", None, "judge_misconfigured")
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         param, message = validation_message(exc.errors()[0])

@@ -21,7 +21,7 @@ from .config import Settings
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "microverse-tiny-random-v1"
+EMBEDDED_NAME = "microverse-tiny-random-v2"
 """Folder name (and reported model name) of the embedded default model."""
 EMBEDDED_DESCRIPTION = (
     "Embedded default: a tiny Wan2.1-architecture pipeline with seeded RANDOM weights, built in code "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from importlib import metadata
 
 from .config import Settings
@@ -38,6 +39,18 @@ def limits_of(settings: Settings, engine: VideoEngine | None = None) -> Limits:
                   max_side=max_side)
 
 
+def _make_judge(settings: Settings):
+    """The rubric judge behind ``/judge``, configured from ``MICROVERSE_JUDGE_*`` (None when unset)."""
+    from evaluation.judge import JudgeConfig
+    from evaluation.judge_api import JudgeService
+
+    config = JudgeConfig.from_env()
+    if config is None:
+        return None
+    logger.info("judge enabled: %s at %s", config.model, config.base_url)
+    return JudgeService(config, cache_path=Path(settings.storage_dir) / "judge_cache.sqlite3")
+
+
 @dataclass
 class Runtime:
     """Everything a request handler needs; built once per server process."""
@@ -47,6 +60,8 @@ class Runtime:
     metrics: ServiceMetrics
     engine: VideoEngine | None = None
     load_error: str | None = None
+    judge: object | None = None
+    """``evaluation.judge_api.JudgeService`` when ``MICROVERSE_JUDGE_BASE_URL`` is set."""
     worker: object | None = field(default=None, repr=False)
 
     @classmethod
@@ -66,6 +81,7 @@ class Runtime:
                 rt.load_error = f"{type(exc).__name__}: {exc}"
                 logger.error("model failed to load; the service is up but not ready: %s", rt.load_error)
         rt.engine = engine
+        rt.judge = _make_judge(settings)
         store.recover()
         if engine is not None:
             rt.worker = BatchWorker(store, engine, rt.metrics, settings.max_batch_size,
@@ -93,6 +109,7 @@ class Runtime:
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
                          "max_queue": s.max_queue},
             "job_retention_hours": s.job_retention_hours,
+            "judge": ({"model": self.judge.judge.config.model} if self.judge is not None else None),
         }
         if self.engine is None:
             return out

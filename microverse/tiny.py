@@ -22,7 +22,8 @@ VOCAB_WORDS = (
     "particles particle diffusing diffusion brownian bacteria bacterium swimming toward source "
     "chemotaxis vesicle vesicles moving along filament microtubule apoptosis shrinking blebbing "
     "membrane nucleus organ heart beating tissue mitochondria protein fluorescence microscopy "
-    "brightfield green bright dark slow fast video of time-lapse process molecule molecules"
+    "brightfield green bright dark slow fast video of time lapse process molecule molecules "
+    "apoptotic bacterial bottom capillary chemical dying motion shrinks that through top transport"
 ).split()
 
 
