@@ -6,6 +6,7 @@ Handlers only translate HTTP to the runtime's objects; all of them share one sub
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -78,6 +79,9 @@ def submit(rt: Runtime, spec: GenerationSpec, kind: str, owner: str | None) -> J
     if rt.store.count() >= rt.settings.max_queue:
         raise APIError(429, f"the queue is full ({rt.settings.max_queue} jobs); retry later",
                        None, "queue_full", {"Retry-After": str(retry_after_s(rt))})
+    if rt.store.count(owner=owner or "") >= rt.settings.max_active_per_key:
+        raise APIError(429, f"this API key already has {rt.settings.max_active_per_key} jobs waiting or running",
+                       None, "too_many_active_jobs", {"Retry-After": str(retry_after_s(rt))})
     job = rt.store.create(spec, rt.engine.model.name, kind=kind, owner=owner)
     rt.worker.notify()
     return job
@@ -168,10 +172,17 @@ def create_app() -> FastAPI:
         except InputError as exc:
             raise APIError(400, exc.message, exc.param, "invalid_value") from exc
         job = submit(rt, spec, "sync", owner_of(request))
-        await rt.worker.wait_future(job.id)
+        try:
+            await asyncio.wait_for(rt.worker.wait_future(job.id), rt.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the video was not ready within {rt.settings.request_timeout_s:g} s; it is still "
+                           f"being made as job {job.id} (GET /v1/videos/{job.id})", None, "timeout") from None
         done = rt.store.get(job.id)
         if done is None:
             raise APIError(409, "the job was cancelled", None, "cancelled")
+        if done.status in ("queued", "in_progress"):  # the worker stopped for a shutdown
+            raise APIError(503, f"the server is shutting down; the request was re-queued as job {done.id}",
+                           None, "shutting_down", {"Retry-After": "10"})
         if done.status != "completed":
             raise APIError(500 if done.error_code != "storage_error" else 507,
                            f"generation failed: {done.error_message}", None, done.error_code)

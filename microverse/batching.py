@@ -53,7 +53,7 @@ class BatchWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the running batch finishes (or is re-queued when it outlasts ``timeout``)."""
+        """Graceful shutdown: the running batch stops at its next step and goes back to the queue."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
@@ -131,13 +131,18 @@ class BatchWorker:
             self.store.set_progress(ids, int(99 * done / total))
 
         def should_cancel() -> bool:
-            return all(i in self._cancelled for i in ids)
+            return self._stop.is_set() or all(i in self._cancelled for i in ids)
 
         t0 = time.perf_counter()
         try:
             result = self.engine.generate([j.spec for j in batch], on_step=on_step, should_cancel=should_cancel)
         except GenerationCancelled:
-            logger.info("batch %s cancelled after %d steps", ids, steps_seen)
+            if self._stop.is_set():
+                logger.info("shutting down: %s back to the queue after %d steps", ids, steps_seen)
+                for job_id in ids:
+                    self.store.requeue(job_id)
+            else:
+                logger.info("batch %s cancelled after %d steps", ids, steps_seen)
             self._finish(ids)
             return
         except Exception as exc:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 AttentionBackend = Literal["auto", "native", "cudnn", "flash", "flash3", "sage", "xformers"]
 Quantization = Literal["none", "int8wo", "fp8"]
 Offload = Literal["none", "model", "sequential"]
+Preset = Literal["exact", "fast"]
 
 
 def default_cache_dir() -> Path:
@@ -57,10 +58,25 @@ class Settings(BaseSettings):
     """CPU offload: ``model`` (whole components) or ``sequential`` (layer by layer, least memory)."""
     vae_tiling: bool = False
     """Decode the VAE in tiles to bound memory at large sizes."""
+    preset: Preset = "exact"
+    """Speed preset: ``exact`` keeps the math (kernel choice, text-embedding cache, bf16 VAE decode);
+    ``fast`` adds lossy levers (fewer UniPC steps, first-block step cache, CFG truncation). Requests may override it."""
+    vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """VAE decode dtype; ``auto`` is bfloat16 on CUDA (PSNR vs float32 reported by ``microverse bench``), float32 on CPU."""
+    prompt_cache_size: int = Field(64, ge=0)
+    """Text embeddings kept for repeated prompts (least recently used evicted); 0 disables the cache."""
+    fast_step_ratio: float = Field(0.4, gt=0, le=1)
+    """``fast``: fraction of the requested steps actually run, with the UniPC solver."""
+    fast_cfg_cutoff: float = Field(0.6, gt=0, le=1)
+    """``fast``: fraction of the steps run with classifier-free guidance; later steps skip the unconditional forward."""
+    fast_cache_threshold: float = Field(0.08, ge=0)
+    """``fast``: first-block cache threshold (relative change of the first block's residual below which the
+    other blocks are skipped); 0 disables the step cache."""
     max_batch_size: int = Field(4, ge=1, le=64)
     """Most requests run together in one engine call."""
-    max_batch_wait_ms: int = Field(100, ge=0, le=60_000)
-    """How long the batcher waits for compatible requests to join a batch."""
+    max_batch_wait_ms: int = Field(0, ge=0, le=60_000)
+    """How long the oldest request may wait for compatible ones to join its batch. 0: none; requests
+    that arrive while the engine is busy are still batched together on the next call."""
     max_pixels: int = Field(480 * 832, ge=256)
     """Largest height x width accepted."""
     max_frames: int = Field(81, ge=1)
@@ -69,6 +85,10 @@ class Settings(BaseSettings):
     """Largest num_inference_steps accepted."""
     max_queue: int = Field(64, ge=1)
     """Most jobs waiting or running; beyond it new requests get 429 with Retry-After."""
+    max_active_per_key: int = Field(16, ge=1)
+    """Most jobs one API key (or anonymous caller) may have waiting or running at once."""
+    request_timeout_s: float = Field(900.0, gt=0)
+    """How long ``POST /generate`` waits for its video before answering 504 (the job carries on)."""
     storage_dir: Path = Field(default_factory=lambda: default_cache_dir() / "storage")
     """Where the job database and finished videos live."""
     job_retention_hours: float = Field(24.0, gt=0)

@@ -17,6 +17,7 @@ import torch
 from .config import Settings
 from .loading import LoadedModel, load_pipeline
 from .optimize import RuntimeChoice, apply_optimizations, quantization_config, resolve_device, resolve_dtype
+from .presets import Plan, PresetOptions, PromptEmbeddingCache, applied, cfg_truncation, make_plan
 from .schemas import GenerationSpec
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class BatchResult:
     """Time spent in text encoding and denoising."""
     decode_seconds: float
     """Time spent in VAE decode and conversion to uint8."""
+    latents: torch.Tensor | None = None
+    """Final latents (B, C, T, H, W) before decode."""
+    plan: Plan | None = None
+    """What the preset ran (steps, CFG steps, step cache)."""
 
 
 class VideoEngine(Protocol):
@@ -56,9 +61,11 @@ class VideoEngine(Protocol):
 class DiffusersEngine:
     """Runs ``WanPipeline`` once per batch: list prompts, one generator per request."""
 
-    def __init__(self, model: LoadedModel, choice: RuntimeChoice):
+    def __init__(self, model: LoadedModel, choice: RuntimeChoice, options: PresetOptions | None = None):
         self.model = model
         self.choice = choice
+        self.options = options or PresetOptions()
+        self.prompt_cache = PromptEmbeddingCache(self.options.prompt_cache_size)
         self._lock = threading.Lock()
 
     @classmethod
@@ -69,7 +76,7 @@ class DiffusersEngine:
         choice = apply_optimizations(model.pipe, settings, device, dtype)
         model.pipe.set_progress_bar_config(disable=True)
         logger.info("engine ready: %s on %s (%s)", model.name, device, dtype)
-        return cls(model, choice)
+        return cls(model, choice, PresetOptions.from_settings(settings))
 
     def generate(
         self, specs: list[GenerationSpec], on_step: StepCallback | None = None,
@@ -82,9 +89,12 @@ class DiffusersEngine:
         if len(keys) != 1:
             raise ValueError(f"incompatible specs in one batch: {keys}")
         first = specs[0]
-        total = first.num_inference_steps
+        plan = make_plan(first.preset or self.options.preset, first.num_inference_steps, first.guidance_scale,
+                         self.options)
+        total = plan.num_inference_steps
 
         def callback(pipe, i, t, kwargs):
+            cfg_truncation(pipe, plan, i)
             if on_step is not None:
                 on_step(i + 1, total)
             if should_cancel is not None and should_cancel():
@@ -93,25 +103,30 @@ class DiffusersEngine:
 
         generators = [torch.Generator(device="cpu").manual_seed(s.seed) for s in specs]
         pipe = self.model.pipe
+        max_len = self.model.defaults.max_sequence_length
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
-            latents = pipe(
-                prompt=[s.prompt for s in specs],
-                negative_prompt=[first.negative_prompt] * len(specs),
-                height=first.height,
-                width=first.width,
-                num_frames=first.num_frames,
-                num_inference_steps=total,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                max_sequence_length=self.model.defaults.max_sequence_length,
-                output_type="latent",
-                callback_on_step_end=callback,
-            ).frames
+            prompt_embeds = self.prompt_cache.embed(pipe, [s.prompt for s in specs], max_len)
+            negative_embeds = (self.prompt_cache.embed(pipe, [first.negative_prompt] * len(specs), max_len)
+                               if first.guidance_scale > 1 else None)
+            with applied(pipe, plan):
+                latents = pipe(
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    height=first.height,
+                    width=first.width,
+                    num_frames=first.num_frames,
+                    num_inference_steps=total,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    max_sequence_length=max_len,
+                    output_type="latent",
+                    callback_on_step_end=callback,
+                ).frames
             t1 = time.perf_counter()
             videos = self.decode(latents)
             t2 = time.perf_counter()
-        return BatchResult(videos, t1 - t0, t2 - t1)
+        return BatchResult(videos, t1 - t0, t2 - t1, latents=latents, plan=plan)
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """VAE-decode Wan latents to uint8 frame arrays (T, H, W, 3)."""

@@ -160,9 +160,14 @@ class JobStore:
         ).fetchall()
         return [j for j in (self._row_to_job(r) for r in rows) if j is not None]
 
-    def count(self, statuses: tuple[str, ...] = ACTIVE) -> int:
+    def count(self, statuses: tuple[str, ...] = ACTIVE, owner: str | None = None) -> int:
+        """Jobs in ``statuses`` (of ``owner`` when given; '' counts anonymous jobs)."""
         marks = ",".join("?" * len(statuses))
-        return self._execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+        sql, params = f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", list(statuses)
+        if owner is not None:
+            sql += " AND IFNULL(owner, '')=?"
+            params.append(owner)
+        return self._execute(sql, tuple(params)).fetchone()[0]
 
     def oldest_queued(self) -> Job | None:
         while True:

@@ -50,6 +50,10 @@ class RuntimeChoice:
     """CPU offload mode in effect."""
     vae_tiling: bool
     """Whether tiled VAE decode is on."""
+    vae_dtype: str = "float32"
+    """VAE decode dtype."""
+    preset: str = "exact"
+    """Default speed preset."""
 
 
 def resolve_device(requested: str) -> str:
@@ -146,10 +150,12 @@ def apply_optimizations(pipe, settings: Settings, device: str, dtype: torch.dtyp
         pipe.to(device)
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
+    vae_dtype = settings.vae_dtype if settings.vae_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    pipe.vae.to(getattr(torch, vae_dtype))
     if settings.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return RuntimeChoice(
         device=device, dtype=dtype, attention_backend=backend, attention_reason=reason,
         quantization=settings.quantization, compiled=settings.compile, offload=offload,
-        vae_tiling=settings.vae_tiling,
+        vae_tiling=settings.vae_tiling, vae_dtype=vae_dtype, preset=settings.preset,
     )

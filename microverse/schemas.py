@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .config import Preset
 from .loading import ModelDefaults
 
 MAX_PROMPT_CHARS = 2000
@@ -54,6 +55,7 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, description="Classifier-free guidance, 0-20.")
     seed: int | None = Field(None, description="Random seed; omitted: a random one, returned in X-Seed.")
     fps: int | None = Field(None, description="Frames per second of the mp4 (1-60).")
+    preset: Preset | None = Field(None, description="Speed preset (exact or fast); omitted: the server's.")
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,14 @@ class GenerationSpec:
     guidance_scale: float
     seed: int
     fps: int
+    preset: str | None = None
+    """Speed preset; None: the server's (``MICROVERSE_PRESET``)."""
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call."""
         return (self.negative_prompt, self.height, self.width, self.num_frames,
-                self.num_inference_steps, self.guidance_scale)
+                self.num_inference_steps, self.guidance_scale, self.preset)
 
     @property
     def seconds(self) -> float:
@@ -120,4 +124,4 @@ def resolve(req: GenerateRequest, defaults: ModelDefaults, limits: Limits) -> Ge
                            "guidance_scale", "fps")}
     seed = random.SystemRandom().randrange(2**31) if req.seed is None else req.seed
     check_inputs(prompt=req.prompt, seed=seed, limits=limits, **values)
-    return GenerationSpec(prompt=req.prompt, seed=seed, **values)
+    return GenerationSpec(prompt=req.prompt, seed=seed, preset=req.preset, **values)

@@ -1,0 +1,179 @@
+"""Faults and backpressure: disk full, model load failure, out of memory, graceful shutdown,
+a full queue, per-key limits, timeouts and the API key."""
+
+import errno
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from microverse.engine import DiffusersEngine
+from microverse.runtime import Runtime
+
+SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
+V1_SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}
+
+
+class SlowEngine:
+    """The real engine, slowed down per step, optionally failing with out-of-memory."""
+
+    def __init__(self, engine, step_s=0.0, oom_above=None):
+        self.inner, self.step_s, self.oom_above = engine, step_s, oom_above
+        self.model, self.choice = engine.model, engine.choice
+        self.batch_sizes = []
+
+    def generate(self, specs, on_step=None, should_cancel=None):
+        self.batch_sizes.append(len(specs))
+        if self.oom_above is not None and len(specs) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        def step(i, n):
+            time.sleep(self.step_s)
+            if on_step:
+                on_step(i, n)
+
+        return self.inner.generate(specs, on_step=step, should_cancel=should_cancel)
+
+
+@pytest.fixture
+def runtime_with(make_settings):
+    """Start a Runtime on the tiny model with a wrapped engine; yields a factory (engine_kwargs, settings)."""
+    from fastapi.testclient import TestClient
+
+    from microverse.api import create_app
+
+    made = []
+
+    def make(engine_kwargs=None, **settings):
+        s = make_settings(**settings)
+        engine = SlowEngine(DiffusersEngine.from_settings(s), **(engine_kwargs or {}))
+        app = create_app()
+        app.state.runtime = Runtime.start(s, engine=engine)
+        made.append(app.state.runtime)
+        return TestClient(app, raise_server_exceptions=False), app.state.runtime, engine
+
+    yield make
+    for rt in made:
+        rt.stop()
+
+
+def wait_status(client, vid, statuses, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = client.get(f"/v1/videos/{vid}").json()
+        if v["status"] in statuses:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"{vid} never reached {statuses}: {v}")
+
+
+def test_disk_full_fails_the_job_with_a_reason_and_the_service_stays_up(runtime_with, monkeypatch):
+    import microverse.batching as batching
+
+    client, rt, _ = runtime_with()
+    real_write = batching.write_atomic
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(batching, "write_atomic", full)
+    vid = client.post("/v1/videos", json={"prompt": "a cell", **V1_SMALL}).json()["id"]
+    v = wait_status(client, vid, ("failed", "completed"))
+    assert v["status"] == "failed" and v["error"]["code"] == "storage_error"
+    assert "No space left on device" in v["error"]["message"]
+    monkeypatch.setattr(batching, "write_atomic", real_write)
+    ok = client.post("/generate", json={"prompt": "a cell", **SMALL})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "video/mp4"
+
+
+def test_out_of_memory_batch_is_split_and_retried(runtime_with):
+    client, rt, engine = runtime_with({"step_s": 0.05, "oom_above": 1}, max_batch_wait_ms=1500)
+    ids = [client.post("/v1/videos", json={"prompt": f"cell {i}", "seed": i, **V1_SMALL}).json()["id"] for i in range(3)]
+    for vid in ids:
+        assert wait_status(client, vid, ("completed", "failed"))["status"] == "completed"
+    assert engine.batch_sizes[0] == 3 and engine.batch_sizes[1:] == [1, 1, 1]
+
+
+def test_out_of_memory_alone_fails_with_a_hint_and_serving_continues(runtime_with):
+    client, rt, engine = runtime_with({"oom_above": 0})
+    vid = client.post("/v1/videos", json={"prompt": "a cell", **V1_SMALL}).json()["id"]
+    v = wait_status(client, vid, ("failed", "completed"))
+    assert v["status"] == "failed" and "out of memory" in v["error"]["message"]
+    assert "MICROVERSE_OFFLOAD" in v["error"]["message"]
+    engine.oom_above = None
+    assert client.post("/generate", json={"prompt": "a cell", **SMALL}).status_code == 200
+
+
+def test_graceful_shutdown_requeues_the_running_job(runtime_with, make_settings):
+    client, rt, _ = runtime_with({"step_s": 0.2})
+    vid = client.post("/v1/videos", json={"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 50}}).json()["id"]
+    wait_status(client, vid, ("in_progress",))
+    t0 = time.time()
+    rt.stop()
+    assert time.time() - t0 < 5
+    job = rt.store.__class__(rt.settings.storage_dir, 60).get(vid)
+    assert job.status == "queued" and job.attempts == 0
+
+    client2, _, _ = runtime_with()
+    assert wait_status(client2, vid, ("completed", "failed"), timeout=120)["status"] == "completed"
+
+
+def test_full_queue_answers_429_with_retry_after(runtime_with):
+    client, rt, _ = runtime_with({"step_s": 0.3}, max_queue=2)
+    body = {"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 20}}
+    first = [client.post("/v1/videos", json=body) for _ in range(2)]
+    assert all(r.status_code == 200 for r in first)
+    third = client.post("/v1/videos", json=body)
+    assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
+    assert third.json()["error"]["code"] == "queue_full" and third.json()["error"]["type"] == "rate_limit_error"
+    for r in first:
+        client.delete(f"/v1/videos/{r.json()['id']}")
+
+
+def test_per_key_concurrency_limit(runtime_with):
+    client, rt, _ = runtime_with({"step_s": 0.3}, max_active_per_key=1)
+    body = {"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 20}}
+    a = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-a"})
+    a2 = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-a"})
+    b = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-b"})
+    assert a.status_code == 200 and b.status_code == 200
+    assert a2.status_code == 429 and a2.json()["error"]["code"] == "too_many_active_jobs" and "retry-after" in a2.headers
+    # jobs are scoped to their key
+    assert client.get(f"/v1/videos/{a.json()['id']}", headers={"Authorization": "Bearer key-b"}).status_code == 404
+
+
+def test_generate_timeout_is_a_504_naming_the_job(runtime_with):
+    client, rt, _ = runtime_with({"step_s": 0.2}, request_timeout_s=0.5)
+    r = client.post("/generate", json={"prompt": "a cell", **{**SMALL, "num_inference_steps": 20}})
+    assert r.status_code == 504 and "video_" in r.json()["error"]["message"]
+
+
+def test_api_key_protects_every_route_but_health(start_server):
+    server = start_server(MICROVERSE_API_KEY="s3cret")
+    assert httpx.get(server.url + "/livez").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    for method, path in (("GET", "/info"), ("GET", "/v1/videos"), ("POST", "/generate"), ("POST", "/judge")):
+        r = httpx.request(method, server.url + path, json={"prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    assert httpx.get(server.url + "/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_model_load_failure_keeps_the_service_up_but_not_ready(tmp_path):
+    from tests.conftest import Server
+
+    server = Server({"MICROVERSE_MODEL": str(tmp_path / "no-such-model"), "MICROVERSE_CACHE_DIR": str(tmp_path)},
+                    tmp_path / "server.log")
+    try:
+        with pytest.raises(RuntimeError, match="not ready"):
+            server.start(timeout=25)
+        assert httpx.get(server.url + "/livez").status_code == 200
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        info = httpx.get(server.url + "/info").json()
+        assert info["ready"] is False and "no-such-model" in info["load_error"]
+        r = httpx.post(server.url + "/generate", json={"prompt": "a cell"})
+        assert r.status_code == 503 and "no-such-model" in r.json()["error"]["message"]
+    finally:
+        server.stop()
