@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from .errors import APIError, install_handlers, validation_message
+from .errors import APIError, install_handlers, json_body_spec, validation_message
 from .jobs import Job
 from .openai_api import build_router
 from .runtime import Runtime
@@ -161,7 +161,7 @@ def create_app() -> FastAPI:
                                       None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    @app.post("/generate", response_class=Response,
+    @app.post("/generate", response_class=Response, openapi_extra=json_body_spec(GenerateRequest),
               responses={200: {"content": {"video/mp4": {}}, "description": "The video (H.264 mp4)."}})
     async def generate(request: Request):
         """Generate one video synchronously; returns ``video/mp4`` with X-Seed and timing headers."""
@@ -198,7 +198,9 @@ def create_app() -> FastAPI:
         """Model source, architecture, dtype, device, attention backend, quantization, versions."""
         return get_runtime(request).info()
 
-    @app.post("/judge")
+    from evaluation.judge_api import JudgeRequest
+
+    @app.post("/judge", openapi_extra=json_body_spec(JudgeRequest))
     async def judge(request: Request):
         """Judge a video (upload, base64, job id or public URL) against a task index or a custom rubric."""
         rt = get_runtime(request)

@@ -81,3 +81,20 @@ def install_handlers(app) -> None:
 
         logging.getLogger(__name__).exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error; see the server log", None, "internal_error")
+
+
+def json_body_spec(model) -> dict:
+    """``openapi_extra`` declaring ``model`` as the JSON request body (handlers parse bodies themselves)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

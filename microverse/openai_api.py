@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import APIError
+from .errors import APIError, json_body_spec
 from .jobs import JOB_ID_RE, Job
 from .schemas import GenerateRequest, InputError, resolve
 
@@ -117,7 +117,7 @@ def build_router(get_runtime, parse_body, submit, owner_of) -> APIRouter:
     """The ``/v1`` router. Helpers come from ``api`` so both surfaces share one code path."""
     router = APIRouter()
 
-    @router.post("/videos", response_model=VideoObject)
+    @router.post("/videos", response_model=VideoObject, openapi_extra=json_body_spec(VideoCreateBody))
     async def create_video(request: Request):
         rt = get_runtime(request, need_engine=True)
         body = await parse_body(request, VideoCreateBody)

@@ -151,7 +151,8 @@ def apply_optimizations(pipe, settings: Settings, device: str, dtype: torch.dtyp
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
     vae_dtype = settings.vae_dtype if settings.vae_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    pipe.vae.to(getattr(torch, vae_dtype))
+    if pipe.vae.dtype != getattr(torch, vae_dtype):
+        pipe.vae.to(getattr(torch, vae_dtype))
     if settings.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return RuntimeChoice(

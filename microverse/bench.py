@@ -1,0 +1,426 @@
+"""``microverse bench``: the engine's presets against plain diffusers ``WanPipeline`` in one process.
+
+Both sides load the same diffusers-format checkpoint (real weights when ``--model`` is given,
+else seeded random weights of the chosen size saved once into the cache), get the same prompt,
+seed and settings, and run alternately; the JSON holds the medians, the ratio to plain diffusers
+and the deviation from its output (relative L2 of the final latents, PSNR of the decoded frames).
+
+FLOP model of one transformer forward over L video tokens and T text tokens, per block (d =
+heads x head_dim, f = ffn width): self-attention projections 8·d²·L, attention 4·L²·d, cross-attention
+query/output projections 4·d²·L, cross-attention 4·L·T·d, feed-forward 4·d·f·L. At Wan2.1-1.3B,
+480x832x81 (L = 32,760, T = 512) that is 2.83e14 FLOPs, as in ``shared/reference/wan_baseline.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import click
+import numpy as np
+import torch
+
+from .config import Settings, default_cache_dir
+from .schemas import GenerationSpec
+
+logger = logging.getLogger(__name__)
+
+Size = Literal["tiny", "1.3b"]
+
+#: Wan2.1-T2V-1.3B transformer configuration (diffusers ``WanTransformer3DModel``).
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+#: The benchmark's stand-in for UMT5-XXL: same width (4096), 2 of its 24 layers (text encoding is < 0.1 % of the time).
+TEXT_ENCODER_1_3B = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                         feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run."""
+
+    size: Size = "tiny"
+    """Random-weight model size when ``model`` is not given."""
+    model: str | None = None
+    """A diffusers-format Wan2.1 checkpoint folder (real weights) instead of random ones."""
+    presets: tuple[str, ...] = ("exact", "fast")
+    """Engine presets to time."""
+    prompt: str = "time lapse microscopy of a cell dividing into two daughter cells"
+    """Prompt of every run."""
+    negative_prompt: str = ""
+    """Negative prompt of every run."""
+    height: int | None = None
+    """Pixels; None: 480 (1.3b) or 64 (tiny)."""
+    width: int | None = None
+    """Pixels; None: 832 (1.3b) or 64 (tiny)."""
+    num_frames: int | None = None
+    """Frames; None: 81 (1.3b) or 9 (tiny)."""
+    steps: int | None = None
+    """Denoising steps; None: 50 (1.3b) or 10 (tiny)."""
+    guidance_scale: float = 5.0
+    """CFG scale."""
+    seed: int = 0
+    """Noise seed."""
+    repeats: int = 2
+    """Timed runs per side (alternating); medians are reported."""
+    warmup_steps: int = 2
+    """Steps of the untimed warm-up run of each side (compile, kernel selection, allocator)."""
+    device: str = "auto"
+    """``auto``, ``cuda`` or ``cpu``."""
+    compile: bool = False
+    """Regional torch.compile in the engine (the baseline is never compiled)."""
+    attention_backend: str = "auto"
+    """Engine attention backend (``Settings.attention_backend``)."""
+    draft_batch: int = 0
+    """Draft mode: also time batches of this size against batch 1 at the draft shape; 0 skips it."""
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "bench")
+    """Where random-weight checkpoints are saved."""
+    overrides: dict = field(default_factory=dict)
+    """Extra ``Settings`` fields for the engine (e.g. ``fast_step_ratio``)."""
+
+    def shape(self) -> tuple[int, int, int, int]:
+        """(height, width, num_frames, steps) with the size's defaults filled in."""
+        big = self.size == "1.3b" or self.model is not None
+        return (self.height or (480 if big else 64), self.width or (832 if big else 64),
+                self.num_frames or (81 if big else 9), self.steps or (50 if big else 10))
+
+    def draft_shape(self) -> tuple[int, int, int, int]:
+        """(height, width, num_frames, steps) of draft mode: 256x256x33 at 20 steps (tiny: 64x64x9 at 4)."""
+        big = self.size == "1.3b" or self.model is not None
+        return (256, 256, 33, 20) if big else (64, 64, 9, 4)
+
+
+def save_random_checkpoint(path: Path, size: Size) -> Path:
+    """Seeded random weights of ``size`` saved in diffusers format (reused when already there)."""
+    from .tiny import save_tiny_pipeline
+
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    if size == "tiny":
+        return save_tiny_pipeline(path)
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .loading import DEFAULTS_FILE, ModelDefaults
+    from .tiny import build_tokenizer
+
+    tmp = path.with_name(path.name + ".partial")
+    logger.info("building Wan2.1-1.3B-size random weights into %s", path)
+    tokenizer = build_tokenizer(512)
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
+    torch.manual_seed(1)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                               **TEXT_ENCODER_1_3B)).to(torch.bfloat16)
+    torch.manual_seed(2)
+    vae = AutoencoderKLWan()  # Wan2.1 VAE sizes and latent statistics are the class defaults
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+    pipe.save_pretrained(tmp)
+    (tmp / DEFAULTS_FILE).write_text(json.dumps(asdict(ModelDefaults()), indent=2))
+    tmp.rename(path)
+    return path
+
+
+def transformer_flops(config, tokens: int, text_tokens: int) -> float:
+    """FLOPs of one transformer forward (batch 1) under the model in this module's docstring."""
+    d = config.num_attention_heads * config.attention_head_dim
+    per_block = (8 * d * d * tokens + 4 * tokens * tokens * d + 4 * d * d * tokens + 4 * tokens * text_tokens * d
+                 + 4 * d * config.ffn_dim * tokens)
+    return float(config.num_layers * per_block)
+
+
+def video_tokens(pipe, height: int, width: int, num_frames: int) -> int:
+    """Transformer sequence length of one video."""
+    _, ph, pw = pipe.transformer.config.patch_size
+    frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    return frames * (height // pipe.vae_scale_factor_spatial // ph) * (width // pipe.vae_scale_factor_spatial // pw)
+
+
+def decode_uint8(vae, latents: torch.Tensor) -> np.ndarray:
+    """Decode latents with ``vae`` in its own dtype to uint8 frames (B, T, H, W, 3), as the engine does."""
+    latents = latents.to(vae.device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+    video = vae.decode(latents * std + mean, return_dict=False)[0]
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return float((x - ref).norm() / ref.norm())
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR in dB of uint8 frames against a reference (inf when identical)."""
+    mse = float(np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+class Counter:
+    """Counts transformer calls and full forwards (calls whose last block ran, i.e. not step-cached)."""
+
+    def __init__(self, transformer):
+        self.calls = 0
+        self.full = 0
+        self._handles = [
+            transformer.register_forward_pre_hook(lambda *_: self._add("calls")),
+            transformer.blocks[-1].ffn.register_forward_pre_hook(lambda *_: self._add("full")),
+        ]
+
+    def _add(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+    def reset(self) -> None:
+        self.calls = self.full = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class Clock:
+    """Wall time and peak memory of one run on ``device``."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def start(self) -> float:
+        self.sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        return time.perf_counter()
+
+    def stop(self, t0: float) -> tuple[float, float | None]:
+        """(seconds, peak GiB allocated above what was allocated at start; None on CPU)."""
+        self.sync()
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - self._base) / 2**30 if self.device == "cuda" else None
+        return seconds, peak
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _weights_gib(*modules) -> float:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**30
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the benchmark of ``cfg`` and return its results (the JSON ``microverse bench`` writes)."""
+    import diffusers
+    from diffusers import WanPipeline
+
+    from .engine import DiffusersEngine
+    from .optimize import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype("auto", device)
+    source = cfg.model or str(save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size))
+    height, width, frames, steps = cfg.shape()
+    clock = Clock(device)
+
+    # Plain diffusers: WanPipeline defaults, the VAE in float32 as diffusers' Wan example loads it.
+    plain = WanPipeline.from_pretrained(source, dtype={"vae": torch.float32, "default": dtype}).to(device)
+    plain.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(model=source, device=device, compile=cfg.compile, attention_backend=cfg.attention_backend,
+                            storage_dir=Path(tmp), embedded_dir=Path(tmp), **cfg.overrides)
+        engine = DiffusersEngine.from_settings(settings)
+    max_len = engine.model.defaults.max_sequence_length
+    tokens = video_tokens(plain, height, width, frames)
+    flops_fwd = transformer_flops(plain.transformer.config, tokens, max_len)
+    cfg_mult = 2 if cfg.guidance_scale > 1 else 1
+    plain_flops = steps * cfg_mult * flops_fwd
+
+    def run_plain(n_steps: int):
+        t0 = clock.start()
+        latents = plain(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=height, width=width,
+                        num_frames=frames, num_inference_steps=n_steps, guidance_scale=cfg.guidance_scale,
+                        generator=torch.Generator("cpu").manual_seed(cfg.seed), max_sequence_length=max_len,
+                        output_type="latent").frames
+        clock.sync()
+        t1 = time.perf_counter()
+        video = decode_uint8(plain.vae, latents)
+        seconds, peak = clock.stop(t0)
+        return latents, video, seconds, t1 - t0, peak
+
+    def spec(preset: str, n_steps: int, seed: int = cfg.seed, shape=(height, width, frames)) -> GenerationSpec:
+        return GenerationSpec(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=shape[0], width=shape[1],
+                              num_frames=shape[2], num_inference_steps=n_steps, guidance_scale=cfg.guidance_scale,
+                              seed=seed, fps=16, preset=preset)
+
+    def run_engine(preset: str, n_steps: int):
+        t0 = clock.start()
+        result = engine.generate([spec(preset, n_steps)])
+        seconds, peak = clock.stop(t0)
+        return result, seconds, peak
+
+    counter = Counter(engine.model.pipe.transformer)
+    with torch.inference_mode():
+        logger.info("warm-up (%d steps per side)", cfg.warmup_steps)
+        run_plain(cfg.warmup_steps)
+        for preset in cfg.presets:
+            run_engine(preset, cfg.warmup_steps)
+        base_runs, runs = [], {p: [] for p in cfg.presets}
+        for r in range(cfg.repeats):
+            base_runs.append(run_plain(steps))
+            logger.info("plain diffusers run %d: %.2f s", r, base_runs[-1][2])
+            for preset in cfg.presets:
+                counter.reset()
+                result, seconds, peak = run_engine(preset, steps)
+                runs[preset].append((result, seconds, peak, counter.calls, counter.full))
+                logger.info("%s run %d: %.2f s", preset, r, seconds)
+        ref_latents, ref_video = base_runs[-1][0], base_runs[-1][1]
+        base_s = _median([b[2] for b in base_runs])
+        out = {
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "size": "checkpoint" if cfg.model else cfg.size, "model": source,
+            "text_encoder": "checkpoint's" if cfg.model or cfg.size == "tiny" else
+            f"random UMT5 d_model 4096, {TEXT_ENCODER_1_3B['num_layers']} layers (UMT5-XXL has 24)",
+            "dtype": str(dtype).removeprefix("torch."),
+            "shape": {"height": height, "width": width, "num_frames": frames, "steps": steps,
+                      "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "text_tokens": max_len,
+                      "video_tokens": tokens},
+            "repeats": cfg.repeats, "compile": cfg.compile, "attention_backend": engine.choice.attention_backend,
+            "vae_dtype": engine.choice.vae_dtype,
+            "flops_per_forward": flops_fwd,
+            "baseline": {
+                "seconds": base_s, "seconds_all": [b[2] for b in base_runs],
+                "denoise_s_per_step": _median([b[3] for b in base_runs]) / steps,
+                "peak_gib": _max_or_none([b[4] for b in base_runs]),
+                "weights_gib": _weights_gib(plain.transformer, plain.text_encoder, plain.vae),
+                "transformer_forwards": steps * cfg_mult,
+                "tflops": plain_flops / base_s / 1e12,
+            },
+            "presets": {},
+        }
+        for preset, items in runs.items():
+            result, _, _, calls, full = items[-1]
+            seconds = _median([i[1] for i in items])
+            layers = engine.model.pipe.transformer.config.num_layers
+            done_flops = (full + (calls - full) / layers) * flops_fwd
+            engine_video = np.stack(result.videos)
+            out["presets"][preset] = {
+                "seconds": seconds, "seconds_all": [i[1] for i in items],
+                "ratio_to_plain": seconds / base_s, "speedup": base_s / seconds,
+                "denoise_s_per_step": _median([i[0].denoise_seconds for i in items]) / result.plan.num_inference_steps,
+                "decode_s": _median([i[0].decode_seconds for i in items]),
+                "peak_gib": _max_or_none([i[2] for i in items]),
+                "steps_run": result.plan.num_inference_steps, "cfg_steps": result.plan.cfg_steps,
+                "step_cache_threshold": result.plan.cache_threshold,
+                "transformer_calls": calls, "full_forwards": full,
+                "tflops_achieved": done_flops / seconds / 1e12,
+                "tflops_effective": plain_flops / seconds / 1e12,
+                "latent_rel_l2": rel_l2(result.latents, ref_latents),
+                "psnr_db": psnr(engine_video, ref_video),
+                "vae_decode_psnr_db": psnr(engine_video, decode_uint8(plain.vae, result.latents)),
+                "prompt_cache": {"hits": engine.prompt_cache.hits, "misses": engine.prompt_cache.misses},
+            }
+        if cfg.draft_batch > 1:
+            out["draft"] = _draft(cfg, engine, clock, spec)
+        if device == "cpu":
+            out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    counter.remove()
+    return out
+
+
+def _max_or_none(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
+def _draft(cfg: BenchConfig, engine, clock: Clock, spec) -> dict:
+    """Videos per second of the exact preset at the draft shape: batch 1 against batch ``cfg.draft_batch``."""
+    h, w, f, steps = cfg.draft_shape()
+    out = {"shape": {"height": h, "width": w, "num_frames": f, "steps": steps}, "batch": cfg.draft_batch}
+    for batch in (1, cfg.draft_batch):
+        specs = [spec("exact", steps, seed=cfg.seed + i, shape=(h, w, f)) for i in range(batch)]
+        engine.generate(specs)  # warm-up at this batch size
+        times = []
+        for _ in range(cfg.repeats):
+            t0 = clock.start()
+            engine.generate(specs)
+            times.append(clock.stop(t0)[0])
+        out[f"b{batch}_seconds"] = _median(times)
+        out[f"b{batch}_videos_per_s"] = batch / _median(times)
+    out["throughput_ratio"] = out[f"b{cfg.draft_batch}_videos_per_s"] / out["b1_videos_per_s"]
+    return out
+
+
+def summary(result: dict) -> str:
+    """A short text table of ``result``."""
+    b = result["baseline"]
+    lines = [f"{result['device']} | {result['size']} | {result['shape']}",
+             f"{'side':<10}{'s/video':>10}{'s/step':>9}{'ratio':>7}{'TFLOP/s':>9}{'peak GiB':>9}{'rel L2':>9}{'PSNR':>7}",
+             f"{'plain':<10}{b['seconds']:>10.3f}{b['denoise_s_per_step']:>9.4f}{1.0:>7.3f}{b['tflops']:>9.2f}"
+             f"{_fmt(b['peak_gib']):>9}{'-':>9}{'-':>7}"]
+    for name, p in result["presets"].items():
+        lines.append(f"{name:<10}{p['seconds']:>10.3f}{p['denoise_s_per_step']:>9.4f}{p['ratio_to_plain']:>7.3f}"
+                     f"{p['tflops_achieved']:>9.2f}{_fmt(p['peak_gib']):>9}{p['latent_rel_l2']:>9.2e}"
+                     f"{p['psnr_db']:>7.1f}")
+    if "draft" in result:
+        d = result["draft"]
+        lines.append(f"draft {d['shape']}: batch {d['batch']} gives {d['throughput_ratio']:.2f}x the videos/s of batch 1")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+@click.command("bench")
+@click.option("--size", type=click.Choice(["tiny", "1.3b"]), default="tiny", show_default=True,
+              help="Random-weight model size (ignored with --model).")
+@click.option("--model", default=None, help="A diffusers-format Wan2.1 checkpoint folder (real weights).")
+@click.option("--presets", default="exact,fast", show_default=True, help="Comma-separated engine presets.")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--num-frames", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=2, show_default=True, help="Timed runs per side; medians reported.")
+@click.option("--warmup-steps", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--compile/--no-compile", default=False, show_default=True, help="Regional torch.compile in the engine.")
+@click.option("--attention-backend", default="auto", show_default=True)
+@click.option("--draft-batch", type=int, default=0, show_default=True,
+              help="Also time this batch size against batch 1 at the draft shape (256x256x33, 20 steps).")
+@click.option("--set", "overrides", multiple=True, help="Engine setting NAME=VALUE, e.g. fast_step_ratio=0.3.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where random checkpoints are saved [default: cache dir/bench].")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
+              show_default=True, help="JSON output.")
+def bench_command(presets: str, overrides: tuple[str, ...], cache_dir: Path | None, out: Path, **kwargs) -> None:
+    """Time the engine's presets against plain diffusers WanPipeline on the same checkpoint."""
+    cfg = BenchConfig(presets=tuple(p for p in presets.split(",") if p),
+                      overrides=dict(o.split("=", 1) for o in overrides), **kwargs)
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
+    result = run_bench(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    click.echo(summary(result))
+    click.echo(f"wrote {out}")
