@@ -140,6 +140,9 @@ def _mount_optional_groups() -> None:
 
 
 _mount_optional_groups()
+from .bench import bench_command  # noqa: E402
+
+main.add_command(bench_command, "bench")
 
 if __name__ == "__main__":
     main()

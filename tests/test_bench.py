@@ -1,0 +1,44 @@
+"""``microverse bench``: the CPU smoke run on the tiny model writes every field the GPU run reports."""
+
+import json
+import math
+from types import SimpleNamespace
+
+from click.testing import CliRunner
+
+from microverse.bench import WAN_1_3B, transformer_flops
+from microverse.cli import main
+
+
+def test_flop_model_matches_the_h100_reference():
+    config = SimpleNamespace(**WAN_1_3B)
+    # shared/reference/h100_wan13b_components.json: 282.835058688 TFLOP per forward at 480x832x81 (32,760 tokens)
+    assert math.isclose(transformer_flops(config, 21 * 30 * 52, 512), 282.835058688e12, rel_tol=1e-12)
+
+
+def test_cpu_smoke_run_writes_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--size", "tiny", "--height", "32", "--width", "32", "--num-frames", "5", "--steps", "5",
+            "--repeats", "1", "--warmup-steps", "1", "--draft-batch", "2", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "exact" in result.output and "fast" in result.output
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cpu") and r["size"] == "tiny" and r["diffusers"]
+    assert r["shape"] == {"height": 32, "width": 32, "num_frames": 5, "steps": 5, "guidance_scale": 5.0, "seed": 0,
+                          "text_tokens": 32, "video_tokens": 2 * 2 * 2}
+    b = r["baseline"]
+    assert b["seconds"] > 0 and b["denoise_s_per_step"] > 0 and b["tflops"] > 0 and b["transformer_forwards"] == 10
+    exact, fast = r["presets"]["exact"], r["presets"]["fast"]
+    for p in (exact, fast):
+        assert p["seconds"] > 0 and p["ratio_to_plain"] == p["seconds"] / b["seconds"] and p["tflops_achieved"] > 0
+        assert set(p) >= {"denoise_s_per_step", "peak_gib", "latent_rel_l2", "psnr_db", "vae_decode_psnr_db",
+                          "prompt_cache", "speedup", "tflops_effective"}
+    assert exact["latent_rel_l2"] < 1e-5 and exact["psnr_db"] > 50
+    assert exact["steps_run"] == 5 and exact["transformer_calls"] == exact["full_forwards"] == 10
+    assert fast["steps_run"] == 2 and fast["cfg_steps"] == 2 and fast["transformer_calls"] == 4
+    assert fast["latent_rel_l2"] > 0
+    assert exact["prompt_cache"]["hits"] > 0
+    d = r["draft"]
+    assert d["batch"] == 2 and d["b2_videos_per_s"] > 0 and d["throughput_ratio"] > 0
