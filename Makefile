@@ -38,3 +38,9 @@ bench-overhead: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+
+# Load test: capacity, then 2x capacity for LOAD_TEST_DURATION s against a service it starts; report in load_tests/reports/.
+LOAD_TEST_DURATION ?= 300
+.PHONY: load-test
+load-test: $(STAMP)
+	$(PY) -m load_tests.run --start-service --duration $(LOAD_TEST_DURATION) --out load_tests/reports/$$(date +%Y%m%d-%H%M%S)
