@@ -36,7 +36,8 @@ def test_train_until_step_then_resume_export_and_bento(tmp_path, tiny_model, tin
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "d4" / "microverse_checkpoint.json").read_text())["step"] == 4
 
-    bentoml = pytest.importorskip("bentoml")
+    import bentoml
+
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     r = runner.invoke(train_group, ["export-bento", str(lora_run), "--name", "microverse-lora", "--label", "lab=test"])
     assert r.exit_code == 0, r.output

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-loading = pytest.importorskip("microverse.loading", reason="the service loader (microverse/loading.py) is not in this tree")
-config = pytest.importorskip("microverse.config")
+from microverse import config, loading
 
 
 def _generate(tiny_model, **settings) -> np.ndarray:
