@@ -21,7 +21,7 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -54,7 +54,7 @@ class BenchConfig:
     model: str | None = None
     """A diffusers-format Wan2.1 checkpoint folder (real weights) instead of random ones."""
     presets: tuple[str, ...] = ("exact", "fast")
-    """Engine presets to time."""
+    """Engine presets to time; ``fast@fast_step_ratio=0.3:fast_cfg_cutoff=0.5`` is a variant with other knobs."""
     prompt: str = "time lapse microscopy of a cell dividing into two daughter cells"
     """Prompt of every run."""
     negative_prompt: str = ""
@@ -100,8 +100,14 @@ class BenchConfig:
         return (256, 256, 33, 20) if big else (64, 64, 9, 4)
 
 
-def save_random_checkpoint(path: Path, size: Size) -> Path:
-    """Seeded random weights of ``size`` saved in diffusers format (reused when already there)."""
+def parse_variant(label: str) -> tuple[str, dict[str, float]]:
+    """``fast@fast_step_ratio=0.3:fast_cfg_cutoff=0.5`` -> ("fast", {"fast_step_ratio": 0.3, ...})."""
+    preset, _, knobs = label.partition("@")
+    return preset, {k: float(v) for k, v in (kv.split("=", 1) for kv in knobs.split(":") if kv)}
+
+
+def save_random_checkpoint(path: Path, size: Size, device: str = "cpu") -> Path:
+    """Seeded random weights of ``size`` (initialised on ``device``) saved in diffusers format; reused when there."""
     from .tiny import save_tiny_pipeline
 
     path = Path(path)
@@ -118,13 +124,14 @@ def save_random_checkpoint(path: Path, size: Size) -> Path:
     tmp = path.with_name(path.name + ".partial")
     logger.info("building Wan2.1-1.3B-size random weights into %s", path)
     tokenizer = build_tokenizer(512)
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
-    torch.manual_seed(1)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
-                                               **TEXT_ENCODER_1_3B)).to(torch.bfloat16)
-    torch.manual_seed(2)
-    vae = AutoencoderKLWan()  # Wan2.1 VAE sizes and latent statistics are the class defaults
+    with torch.device(device):
+        torch.manual_seed(0)
+        transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
+        torch.manual_seed(1)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                                   **TEXT_ENCODER_1_3B)).to(torch.bfloat16)
+        torch.manual_seed(2)
+        vae = AutoencoderKLWan()  # Wan2.1 VAE sizes and latent statistics are the class defaults
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=scheduler)
@@ -236,7 +243,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype("auto", device)
-    source = cfg.model or str(save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size))
+    source = cfg.model or str(save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size, device))
     height, width, frames, steps = cfg.shape()
     clock = Clock(device)
 
@@ -270,10 +277,17 @@ def run_bench(cfg: BenchConfig) -> dict:
                               num_frames=shape[2], num_inference_steps=n_steps, guidance_scale=cfg.guidance_scale,
                               seed=seed, fps=16, preset=preset)
 
-    def run_engine(preset: str, n_steps: int):
-        t0 = clock.start()
-        result = engine.generate([spec(preset, n_steps)])
-        seconds, peak = clock.stop(t0)
+    server_options = engine.options
+
+    def run_engine(label: str, n_steps: int):
+        preset, knobs = parse_variant(label)
+        engine.options = replace(server_options, **knobs)
+        try:
+            t0 = clock.start()
+            result = engine.generate([spec(preset, n_steps)])
+            seconds, peak = clock.stop(t0)
+        finally:
+            engine.options = server_options
         return result, seconds, peak
 
     counter = Counter(engine.model.pipe.transformer)
@@ -424,3 +438,8 @@ def bench_command(presets: str, overrides: tuple[str, ...], cache_dir: Path | No
     out.write_text(json.dumps(result, indent=2, default=str))
     click.echo(summary(result))
     click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bench_command()

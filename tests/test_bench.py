@@ -20,7 +20,8 @@ def test_cpu_smoke_run_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--size", "tiny", "--height", "32", "--width", "32", "--num-frames", "5", "--steps", "5",
             "--repeats", "1", "--warmup-steps", "1", "--draft-batch", "2", "--device", "cpu",
-            "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
+            "--presets", "exact,fast,fast@fast_step_ratio=0.2:fast_cfg_cutoff=1", "--cache-dir", str(tmp_path / "cache"),
+            "-o", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and "fast" in result.output
@@ -39,6 +40,8 @@ def test_cpu_smoke_run_writes_the_json(tmp_path):
     assert exact["steps_run"] == 5 and exact["transformer_calls"] == exact["full_forwards"] == 10
     assert fast["steps_run"] == 2 and fast["cfg_steps"] == 2 and fast["transformer_calls"] == 4
     assert fast["latent_rel_l2"] > 0
+    variant = r["presets"]["fast@fast_step_ratio=0.2:fast_cfg_cutoff=1"]
+    assert variant["steps_run"] == 1 and variant["cfg_steps"] == 1 and variant["transformer_calls"] == 2
     assert exact["prompt_cache"]["hits"] > 0
     d = r["draft"]
     assert d["batch"] == 2 and d["b2_videos_per_s"] > 0 and d["throughput_ratio"] > 0
