@@ -6,9 +6,10 @@
   target's ``/info`` shows a judge; otherwise the user stops at start).
 
 A 429 is expected backpressure: it is reported under its own name (``<name> [429]``), as a success when it
-carries ``Retry-After`` and as a failure when it does not. Any other non-2xx answer (every 5xx) is a failure
-named ``HTTP <status>: <error code>``. Each finished job is also reported as a ``JOB`` entry timed from
-create to completed. ``python -m load_tests.run`` drives this file headless; it also runs on its own:
+carries ``Retry-After`` (whole seconds, at least 1) and as a failure when it does not. Any other non-2xx
+answer (every 5xx) is a failure named ``HTTP <status>: <error code>``. Each finished job is also reported as a
+``JOB`` entry timed from create to completed. ``python -m load_tests.run`` drives this file headless; it also
+runs on its own:
 ``locust -f load_tests/locustfile.py --host http://127.0.0.1:3000 --headless -u 8 -r 2 -t 60s``.
 """
 
@@ -49,7 +50,7 @@ def accept(resp, name: str) -> bool:
     """Classify a ``catch_response`` response; True for a 2xx the scenario continues with."""
     if resp.status_code == 429:
         resp.request_meta["name"] = f"{name} [429]"
-        if resp.headers.get("Retry-After"):
+        if resp.headers.get("Retry-After", "").isdigit() and int(resp.headers["Retry-After"]) >= 1:
             resp.success()
         else:
             resp.failure("429 without Retry-After")

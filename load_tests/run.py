@@ -147,6 +147,7 @@ def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None
     with httpx.Client(base_url=url, headers=headers(api_key), timeout=600) as warm:
         warm.post("/generate", json=video_request()).raise_for_status()
     done: list[tuple[float, float]] = []
+    errors: list[str] = []
     lock = threading.Lock()
     start = time.monotonic()
     deadline = start + seconds
@@ -159,8 +160,10 @@ def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None
                 if resp.status_code == 429:
                     time.sleep(float(resp.headers.get("Retry-After", "1")))
                     continue
-                resp.raise_for_status()
                 with lock:
+                    if resp.status_code != 200:
+                        errors.append(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                        return
                     done.append((t0, time.monotonic()))
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
@@ -168,8 +171,8 @@ def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None
         t.start()
     for t in threads:
         t.join()
-    if not done:
-        raise RuntimeError("the capacity run completed no video")
+    if errors or not done:
+        raise RuntimeError(f"the capacity run failed: {errors[:3] or 'no video completed'}")
     elapsed = max(end for _, end in done) - start
     return Capacity(clients=clients, videos=len(done), seconds=round(elapsed, 2),
                     videos_per_s=round(len(done) / elapsed, 3),
@@ -282,14 +285,16 @@ def summarize(cfg: Config, url: str, capacity: Capacity, users: int, pacing_s: f
 def render_markdown(s: dict) -> str:
     """``summary.md``: the numbers a reader needs, as tables."""
     cap, load, bp, jobs = s["capacity"], s["load"], s["backpressure"], s["jobs"]
+    started = f" (started by the runner, max_queue={s['max_queue']})" if s["started_service"] else ""
     lines = [
         f"# Load test summary: {'PASSED' if s['passed'] else 'FAILED'}",
         "",
-        f"- target: {s['target']}" + (f" (started by the runner, max_queue={s['max_queue']})" if s["started_service"] else ""),
-        (f"- capacity (closed loop, {cap['clients']} clients, {cap['seconds']} s): **{cap['videos_per_s']} videos/s** "
-        f"(mean latency {cap['mean_latency_s']} s)"),
-        (f"- load: {load['factor']}x capacity = {load['offered_videos_per_s']} videos/s offered by {load['users']} users "
-        f"(pacing {load['pacing_s']} s) for {load['duration_s']} s; classes {', '.join(load['user_classes'])}"),
+        f"- target: {s['target']}{started}",
+        (f"- capacity (closed loop, {cap['clients']} clients, {cap['seconds']} s): "
+         f"**{cap['videos_per_s']} videos/s** (mean latency {cap['mean_latency_s']} s)"),
+        (f"- load: {load['factor']}x capacity = {load['offered_videos_per_s']} videos/s offered by "
+         f"{load['users']} users (pacing {load['pacing_s']} s) for {load['duration_s']} s; "
+         f"classes {', '.join(load['user_classes'])}"),
         f"- throughput: **{s['throughput_videos_per_s']} videos/s** ({s['videos_completed']} videos completed)",
         (f"- 429 backpressure: **{bp['count_429']}** ({bp['with_retry_after']} with Retry-After, "
         f"{bp['without_retry_after']} without)"),

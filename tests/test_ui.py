@@ -21,6 +21,8 @@ SCREENSHOT = REPO_ROOT / "docs" / "playground.png"
 @pytest.fixture
 def ui_service(make_settings, monkeypatch):
     """The service app with the playground router and a (fake) judge, served by uvicorn on loopback."""
+    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
+        pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
     from microverse.api import create_app
     from microverse.runtime import Runtime
     from microverse.ui import router as ui_router
@@ -64,15 +66,13 @@ def test_ui_page_is_self_contained(make_client):
 
 @pytest.mark.slow
 def test_ui_generates_plays_and_judges(ui_service):
-    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
-        pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 720})
         authorized: list[str] = []
-        page.on("request", lambda r: authorized.append(r.url) if r.headers.get("authorization") == "Bearer k1" else None)
+        page.on("request", lambda r: r.headers.get("authorization") == "Bearer k1" and authorized.append(r.url))
         console_errors: list[str] = []
         page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
 
@@ -99,8 +99,7 @@ def test_ui_generates_plays_and_judges(ui_service):
         page.wait_for_function("document.getElementById('player').readyState >= 2", timeout=30_000)
         page.evaluate("document.getElementById('player').play()")
         page.wait_for_function("document.getElementById('player').currentTime > 0", timeout=30_000)
-        size = page.evaluate("[document.getElementById('player').videoWidth, document.getElementById('player').videoHeight]")
-        assert size == [64, 64]
+        assert page.evaluate("(v => [v.videoWidth, v.videoHeight])(document.getElementById('player'))") == [64, 64]
 
         jobs = httpx.get(ui_service + "/v1/videos?limit=1", headers={"Authorization": "Bearer k1"}).json()["data"]
         job_id = jobs[0]["id"]
