@@ -45,3 +45,22 @@ def test_cpu_smoke_run_writes_the_json(tmp_path):
     assert exact["prompt_cache"]["hits"] > 0
     d = r["draft"]
     assert d["batch"] == 2 and d["b2_videos_per_s"] > 0 and d["throughput_ratio"] > 0
+
+
+def test_random_1_3b_checkpoint_layout(tmp_path, monkeypatch):
+    """The 1.3b builder's code path at shrunken widths: full Wan VAE, UniPC flow scheduler, 512-token defaults."""
+    import microverse.bench as bench
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    monkeypatch.setattr(bench, "WAN_1_3B", {**bench.WAN_1_3B, "num_layers": 1, "num_attention_heads": 2,
+                                            "attention_head_dim": 8, "ffn_dim": 16, "text_dim": 32, "freq_dim": 16})
+    monkeypatch.setattr(bench, "TEXT_ENCODER_1_3B", {**bench.TEXT_ENCODER_1_3B, "d_model": 32, "d_kv": 8, "d_ff": 16,
+                                                     "num_heads": 4})
+    path = bench.save_random_checkpoint(tmp_path / "wan", "1.3b")
+    assert bench.save_random_checkpoint(path, "1.3b") == path  # reused, not rebuilt
+    pipe = WanPipeline.from_pretrained(str(path))
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and pipe.scheduler.config.flow_shift == 3.0
+    assert pipe.vae.config.base_dim == 96 and pipe.vae.config.z_dim == 16
+    assert pipe.text_encoder.config.num_layers == 2 and pipe.text_encoder.config.d_model == 32
+    assert json.loads((path / "microverse_defaults.json").read_text())["max_sequence_length"] == 512
+    assert bench.video_tokens(pipe, 480, 832, 81) == 32760
