@@ -23,13 +23,14 @@ from .jobs import Job
 from .openai_api import build_router
 from .runtime import Runtime
 from .schemas import GenerateRequest, GenerationSpec, InputError, resolve
+from .ui import router as ui_router
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY_BYTES = 64 * 1024
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
-UNPROTECTED = ("/livez", "/readyz", "/healthz")
+UNPROTECTED = ("/livez", "/readyz", "/healthz", "/ui")  # the page holds no data; its API calls send the key
 
 
 def get_runtime(request: Request, need_engine: bool = False) -> Runtime:
@@ -213,4 +214,5 @@ def create_app() -> FastAPI:
                                        MAX_UPLOAD_BYTES)
 
     app.include_router(build_router(get_runtime, parse_body, submit, owner_of), prefix="/v1")
+    app.include_router(ui_router)
     return app

@@ -154,6 +154,8 @@ def test_api_key_protects_every_route_but_health(start_server):
     server = start_server(MICROVERSE_API_KEY="s3cret")
     assert httpx.get(server.url + "/livez").status_code == 200
     assert httpx.get(server.url + "/readyz").status_code == 200
+    ui = httpx.get(server.url + "/ui")  # the playground page itself holds no data; it asks for the key
+    assert ui.status_code == 200 and "api-key" in ui.text
     for method, path in (("GET", "/info"), ("GET", "/v1/videos"), ("POST", "/generate"), ("POST", "/judge")):
         r = httpx.request(method, server.url + path, json={"prompt": "x"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
