@@ -37,12 +37,12 @@ logger = logging.getLogger(__name__)
 Size = Literal["tiny", "1.3b"]
 
 #: Wan2.1-T2V-1.3B transformer configuration (diffusers ``WanTransformer3DModel``).
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_1_3B = {"patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+            "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}
 #: The benchmark's stand-in for UMT5-XXL: same width (4096), 2 of its 24 layers (text encoding is < 0.1 % of the time).
-TEXT_ENCODER_1_3B = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
-                         feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+TEXT_ENCODER_1_3B = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64,
+                     "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
 
 
 @dataclass
@@ -115,7 +115,12 @@ def save_random_checkpoint(path: Path, size: Size, device: str = "cpu") -> Path:
         return path
     if size == "tiny":
         return save_tiny_pipeline(path)
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .loading import DEFAULTS_FILE, ModelDefaults
@@ -388,8 +393,8 @@ def summary(result: dict) -> str:
     b = result["baseline"]
     lines = [f"{result['device']} | {result['size']} | {result['shape']}",
              f"{'side':<10}{'s/video':>10}{'s/step':>9}{'ratio':>7}{'TFLOP/s':>9}{'peak GiB':>9}{'rel L2':>9}{'PSNR':>7}",
-             f"{'plain':<10}{b['seconds']:>10.3f}{b['denoise_s_per_step']:>9.4f}{1.0:>7.3f}{b['tflops']:>9.2f}"
-             f"{_fmt(b['peak_gib']):>9}{'-':>9}{'-':>7}"]
+             (f"{'plain':<10}{b['seconds']:>10.3f}{b['denoise_s_per_step']:>9.4f}{1.0:>7.3f}{b['tflops']:>9.2f}"
+              f"{_fmt(b['peak_gib']):>9}{'-':>9}{'-':>7}")]
     for name, p in result["presets"].items():
         lines.append(f"{name:<10}{p['seconds']:>10.3f}{p['denoise_s_per_step']:>9.4f}{p['ratio_to_plain']:>7.3f}"
                      f"{p['tflops_achieved']:>9.2f}{_fmt(p['peak_gib']):>9}{p['latent_rel_l2']:>9.2e}"

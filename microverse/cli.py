@@ -140,7 +140,7 @@ def _mount_optional_groups() -> None:
 
 
 _mount_optional_groups()
-from .bench import bench_command  # noqa: E402
+from .bench import bench_command
 
 main.add_command(bench_command, "bench")
 

@@ -22,9 +22,10 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, get_args
+from typing import get_args
 
 import torch
 
@@ -51,7 +52,7 @@ class PresetOptions:
     """``fast``: first-block cache threshold; 0 disables the step cache."""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PresetOptions":
+    def from_settings(cls, settings: Settings) -> PresetOptions:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
 

@@ -49,8 +49,9 @@ def test_cpu_smoke_run_writes_the_json(tmp_path):
 
 def test_random_1_3b_checkpoint_layout(tmp_path, monkeypatch):
     """The 1.3b builder's code path at shrunken widths: full Wan VAE, UniPC flow scheduler, 512-token defaults."""
-    import microverse.bench as bench
     from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from microverse import bench
 
     monkeypatch.setattr(bench, "WAN_1_3B", {**bench.WAN_1_3B, "num_layers": 1, "num_attention_heads": 2,
                                             "attention_head_dim": 8, "ffn_dim": 16, "text_dim": 32, "freq_dim": 16})

@@ -16,8 +16,8 @@ STEPS = 6
 
 
 def spec(prompt="a cell divides", seed=0, **kw):
-    base = dict(prompt=prompt, negative_prompt="", height=32, width=32, num_frames=5, num_inference_steps=STEPS,
-                guidance_scale=5.0, seed=seed, fps=8)
+    base = {"prompt": prompt, "negative_prompt": "", "height": 32, "width": 32, "num_frames": 5,
+            "num_inference_steps": STEPS, "guidance_scale": 5.0, "seed": seed, "fps": 8}
     base.update(kw)
     return GenerationSpec(**base)
 
