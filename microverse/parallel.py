@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,11 @@ def _build(settings: Settings, rank: int, world_size: int) -> tuple[DiffusersEng
     init_process_group(rank, world_size, device)
     engine = DiffusersEngine.from_settings(settings)
     layout = enable_context_parallel(engine.model.pipe.transformer, world_size)
+    if engine.options.fast_cache_threshold > 0:
+        # Each rank would judge the first block's change on its own shard and could skip blocks (and
+        # their collectives) while another rank runs them: a hang. The other fast levers stay.
+        logger.warning("context parallel: the fast preset's first-block step cache is off")
+        engine.options = replace(engine.options, fast_cache_threshold=0.0)
     return engine, layout
 
 

@@ -73,7 +73,9 @@ def run_two_rank_engine(model_dir: str, out: str) -> None:
         with pytest.raises(GenerationCancelled):
             engine.generate([spec(seed=7)], on_step=lambda d, t: steps.append(d), should_cancel=lambda: len(steps) >= 2)
         result = engine.generate([spec(seed=7), spec(prompt="bacteria swimming", seed=8)])
-        torch.save({"latents": result.latents, "cancelled_after": len(steps), "layout": engine.layout}, out)
+        fast = engine.generate([spec(seed=9, preset="fast")])
+        torch.save({"latents": result.latents, "fast": fast.latents, "cancelled_after": len(steps),
+                    "layout": engine.layout, "cache_threshold": engine.engine.options.fast_cache_threshold}, out)
     finally:
         engine.close()
 
@@ -89,7 +91,10 @@ def test_two_rank_engine_equals_single_engine(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=False)
     assert got["cancelled_after"] == 2 and got["layout"].ulysses_degree == 2
-    ref = DiffusersEngine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", storage_dir=tmp_path,
-                                                 embedded_dir=tmp_path)).generate(
-        [spec(seed=7), spec(prompt="bacteria swimming", seed=8)]).latents
+    assert got["cache_threshold"] == 0  # the step cache would let ranks diverge; fast runs without it
+    single = DiffusersEngine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", storage_dir=tmp_path,
+                                                    embedded_dir=tmp_path, fast_cache_threshold=0))
+    ref = single.generate([spec(seed=7), spec(prompt="bacteria swimming", seed=8)]).latents
     assert float((got["latents"] - ref).norm() / ref.norm()) < 1e-5
+    ref_fast = single.generate([spec(seed=9, preset="fast")]).latents
+    assert float((got["fast"] - ref_fast).norm() / ref_fast.norm()) < 1e-5
