@@ -155,3 +155,12 @@ def test_bf16_vae_decode_is_within_tolerance(tiny_model_dir, tmp_path, plain):
     assert eng.model.pipe.vae.dtype == torch.bfloat16 and eng.choice.vae_dtype == "bfloat16"
     result = eng.generate([spec(seed=6)])
     assert psnr(result.videos[0], decode_uint8(plain.vae, result.latents)[0]) > 30
+
+
+def test_http_request_picks_its_preset(make_client):
+    client = make_client()
+    body = {"prompt": "a cell divides", "seed": 1, "height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 5}
+    resp = client.post("/generate", json={**body, "preset": "fast"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4", resp.text
+    bad = client.post("/generate", json={**body, "preset": "turbo"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "preset", bad.text
