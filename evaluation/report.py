@@ -98,6 +98,23 @@ def _listing(items: Sequence[str], shown: int = 20) -> str:
     return ": " + ", ".join(items[:shown]) + more
 
 
+def _table(title: str, keys, headers: list[str], ours: dict, report: dict) -> list[str]:
+    """One of the paper's tables: this run (with 95 % bootstrap CIs), then the published models."""
+    lines = [
+        "",
+        f"## {title} (95 % bootstrap CI)",
+        "",
+        "| Model | Average | " + " | ".join(headers) + " |",
+        "|---|---|" + "---|" * len(headers),
+        f"| **{report['model']}** | {_fmt(report['overall'])} | " + " | ".join(_fmt(ours[k]) for k in keys) + " |",
+    ]
+    lines += [
+        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | " + " | ".join(f"{PUBLISHED[m][k]:.1f}" for k in keys) + " |"
+        for m in REFERENCE_MODELS
+    ]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown report: the paper's two tables with 95 % CIs, coverage, agreement, cost."""
     cov = report["coverage"]
@@ -106,37 +123,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Judge: `{report['judge_model']}` (prompt {report['prompt_version']}); benchmark: {report['benchmark_source']}; "
         f"created {report['created']}.",
-        "",
-        "## Table 1: average and levels (95 % bootstrap CI)",
-        "",
-        "| Model | Average | " + " | ".join(LEVELS) + " |",
-        "|---|---|" + "---|" * len(LEVELS),
-        f"| **{report['model']}** | {_fmt(report['overall'])} | "
-        + " | ".join(_fmt(report["by_level"][lv]) for lv in LEVELS)
-        + " |",
     ]
-    lines += [
-        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
-        + " | ".join(f"{PUBLISHED[m][lv]:.1f}" for lv in LEVELS)
-        + " |"
-        for m in REFERENCE_MODELS
-    ]
-    lines += [
-        "",
-        "## Table 2: average and dimensions (95 % bootstrap CI)",
-        "",
-        "| Model | Average | " + " | ".join(DIMENSION_TITLES[d] for d in DIMENSIONS) + " |",
-        "|---|---|" + "---|" * len(DIMENSIONS),
-        f"| **{report['model']}** | {_fmt(report['overall'])} | "
-        + " | ".join(_fmt(report["by_dimension"][d]) for d in DIMENSIONS)
-        + " |",
-    ]
-    lines += [
-        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
-        + " | ".join(f"{PUBLISHED[m][d]:.1f}" for d in DIMENSIONS)
-        + " |"
-        for m in REFERENCE_MODELS
-    ]
+    lines += _table("Table 1: average and levels", LEVELS, list(LEVELS), report["by_level"], report)
+    lines += _table("Table 2: average and dimensions", DIMENSIONS, [DIMENSION_TITLES[d] for d in DIMENSIONS],
+                    report["by_dimension"], report)
     lines += [
         "",
         "## Coverage",
