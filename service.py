@@ -22,7 +22,9 @@ settings = Settings()
     workers=1,
     traffic={"timeout": 3600, "max_concurrency": 256},
     resources={"gpu": 1} if settings.device == "cuda" else {"cpu": "2"},
-    http={"cors": {"enabled": False}},
+    http={"cors": {"enabled": bool(settings.cors_origins), "access_control_allow_origins": settings.cors_origins,
+                   "access_control_allow_methods": ["GET", "POST", "DELETE"],
+                   "access_control_allow_headers": ["Authorization", "Content-Type"]}},
 )
 class MicroVerse:
     """Text-to-video for micro-world simulation: ``/generate``, ``/v1/videos``, ``/info``, ``/metrics``."""

@@ -95,12 +95,14 @@ class Settings(BaseSettings):
     """Finished jobs and their files are deleted this long after completion."""
     max_attempts: int = Field(2, ge=1)
     """Times a job is started before an interruption (crash) marks it failed."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to call the API (comma-separated); empty: CORS off."""
     api_key: SecretStr | None = None
     """If set, every route but health needs ``Authorization: Bearer <key>``."""
     embedded_dir: Path = Field(default_factory=lambda: default_cache_dir() / "models")
     """Cache folder the embedded default model is saved into on first use."""
 
-    @field_validator("lora", mode="before")
+    @field_validator("lora", "cors_origins", mode="before")
     @classmethod
     def _split_lora(cls, v):
         if isinstance(v, str):

@@ -179,3 +179,14 @@ def test_model_load_failure_keeps_the_service_up_but_not_ready(tmp_path):
         assert r.status_code == 503 and "no-such-model" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_cors_is_off_by_default_and_follows_the_setting(start_server, microverse_server):
+    preflight = {"Origin": "https://lab.example.org", "Access-Control-Request-Method": "POST"}
+    off = httpx.options(microverse_server + "/v1/videos", headers=preflight)
+    assert "access-control-allow-origin" not in off.headers
+    server = start_server(MICROVERSE_CORS_ORIGINS="https://lab.example.org")
+    on = httpx.options(server.url + "/v1/videos", headers=preflight)
+    assert on.headers.get("access-control-allow-origin") == "https://lab.example.org"
+    other = httpx.options(server.url + "/v1/videos", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
