@@ -85,7 +85,17 @@ def submit(rt: Runtime, spec: GenerationSpec, kind: str, owner: str | None) -> J
                        None, "too_many_active_jobs", {"Retry-After": str(retry_after_s(rt))})
     job = rt.store.create(spec, rt.engine.model.name, kind=kind, owner=owner)
     rt.worker.notify()
+    logger.info("queued %s (%s, %dx%dx%d, %d steps, seed %d): %s", job.id, kind, spec.width, spec.height,
+                spec.num_frames, spec.num_inference_steps, spec.seed,
+                prompt_for_log(spec.prompt, rt.settings.redact_prompts))
     return job
+
+
+def prompt_for_log(prompt: str, redact: bool) -> str:
+    """The prompt as logged: quoted (first 200 characters), or only its hash and length when redacting."""
+    if redact:
+        return f"<prompt redacted: sha256 {hashlib.sha256(prompt.encode()).hexdigest()[:12]}, {len(prompt)} chars>"
+    return repr(prompt[:200])
 
 
 def retry_after_s(rt: Runtime) -> int:

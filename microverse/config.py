@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     """Finished jobs and their files are deleted this long after completion."""
     max_attempts: int = Field(2, ge=1)
     """Times a job is started before an interruption (crash) marks it failed."""
+    redact_prompts: bool = False
+    """Log a hash and length instead of the prompt text of each queued job."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Browser origins allowed to call the API (comma-separated); empty: CORS off."""
     api_key: SecretStr | None = None

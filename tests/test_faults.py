@@ -190,3 +190,16 @@ def test_cors_is_off_by_default_and_follows_the_setting(start_server, microverse
     assert on.headers.get("access-control-allow-origin") == "https://lab.example.org"
     other = httpx.options(server.url + "/v1/videos", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("redact", [False, True])
+def test_prompts_are_redacted_from_logs_when_configured(make_client, caplog, redact):
+    import logging
+
+    client = make_client(redact_prompts=redact)
+    with caplog.at_level(logging.INFO, logger="microverse.api"):
+        assert client.post("/generate", json={"prompt": "patient 1234 biopsy", **SMALL}).status_code == 200
+    queued = [r.getMessage() for r in caplog.records if "queued" in r.getMessage()]
+    assert len(queued) == 1
+    assert ("patient 1234 biopsy" in queued[0]) is (not redact)
+    assert ("prompt redacted: sha256" in queued[0]) is redact
