@@ -110,6 +110,26 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
     click.echo(json.dumps(result, indent=2))
 
 
+@train_group.command("vae")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset with metadata.json.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the VAE.")
+@click.option("--size", default=64, show_default=True, help="Clip size (square).")
+@click.option("--frames", default=17, show_default=True, help="Frames per clip (4k+1).")
+@click.option("--steps", default=2000, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--base-dim", default=16, show_default=True, help="Base channels of the VAE.")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, lr, seed) -> None:
+    """Train a small Wan VAE on DATA (for models too small for the real Wan2.1 VAE, e.g. the demo)."""
+    from training.vae import VAETrainConfig, train_vae
+
+    _setup_logging()
+    metrics = train_vae(VAETrainConfig(data=data, out=out, size=size, frames=frames, steps=steps,
+                                       batch_size=batch_size, base_dim=base_dim, lr=lr, seed=seed))
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+
+
 @click.group("data")
 def data_group() -> None:
     """Build a MicroSim-style training set from raw videos (each stage resumable)."""
