@@ -118,7 +118,7 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
 @click.option("--steps", default=2000, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--base-dim", default=16, show_default=True, help="Base channels of the VAE.")
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, lr, seed) -> None:
     """Train a small Wan VAE on DATA (for models too small for the real Wan2.1 VAE, e.g. the demo)."""

@@ -44,7 +44,7 @@ class VAETrainConfig:
     """Optimizer steps."""
     batch_size: int = 4
     """Clips per step."""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """AdamW learning rate (cosine decay to 10 % over the steps)."""
     kl_weight: float = 1e-6
     """Weight of the KL term against the L1 reconstruction."""
