@@ -99,10 +99,8 @@ def prompt_for_log(prompt: str, redact: bool) -> str:
 
 
 def retry_after_s(rt: Runtime) -> int:
-    """A rough wait: the mean engine-call time x queued batches, at least 1 s."""
-    h = rt.metrics.generation_seconds
-    total, count = h._sum.get(), sum(b.get() for b in h._buckets)
-    per_call = total / count if count else 5.0
+    """A rough wait: the recent engine-call time x queued batches, at least 1 s."""
+    per_call = rt.worker.mean_call_s or 5.0
     batches = rt.store.count() / max(1, rt.settings.max_batch_size)
     return max(1, int(per_call * batches + 0.999))
 

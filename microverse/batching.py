@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Callable
 
 from .engine import GenerationCancelled, VideoEngine
 from .jobs import Job, JobStore
@@ -46,7 +45,8 @@ class BatchWorker:
         self._waiters_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="microverse-batch-worker", daemon=True)
         self._last_sweep = 0.0
-        self.engine_calls = 0
+        self.mean_call_s: float | None = None
+        """Moving average of engine-call seconds (for Retry-After)."""
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +159,7 @@ class BatchWorker:
             self._finish(ids)
             return
         elapsed = time.perf_counter() - t0
-        self.engine_calls += 1
+        self.mean_call_s = elapsed if self.mean_call_s is None else 0.8 * self.mean_call_s + 0.2 * elapsed
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         for job, frames in zip(batch, result.videos):
@@ -181,7 +181,7 @@ class BatchWorker:
             if self.store.complete(job.id, timings):
                 self.metrics.jobs_total.labels("completed").inc()
             else:  # deleted while running
-                self.store._delete_files(job.id)
+                self.store.delete_files(job.id)
         self._finish(ids)
 
     def _finish(self, ids: list[str]) -> None:

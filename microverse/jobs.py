@@ -94,7 +94,8 @@ class JobStore:
     def thumb_path(self, job_id: str) -> Path:
         return self.video_path(job_id).with_suffix(".webp")
 
-    def _delete_files(self, job_id: str) -> None:
+    def delete_files(self, job_id: str) -> None:
+        """Remove a job's video, thumbnail and any partial file."""
         for p in (self.video_path(job_id), self.thumb_path(job_id)):
             p.unlink(missing_ok=True)
             p.with_suffix(p.suffix + ".part").unlink(missing_ok=True)
@@ -232,7 +233,7 @@ class JobStore:
         if job is None:
             return None
         self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
-        self._delete_files(job_id)
+        self.delete_files(job_id)
         return job
 
     def recover(self) -> dict[str, int]:
@@ -260,7 +261,7 @@ class JobStore:
             "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,)).fetchall()]
         for job_id in ids:
             self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
-            self._delete_files(job_id)
+            self.delete_files(job_id)
         return len(ids)
 
     def close(self) -> None:

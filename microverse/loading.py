@@ -80,14 +80,14 @@ class LoadedModel:
 
 def embedded_model_path(settings: Settings) -> Path:
     """Path of the embedded default model, building and saving it on first use (atomic)."""
-    from .tiny import TinyWanConfig, save_tiny_pipeline
+    from .tiny import save_tiny_pipeline
 
     target = Path(settings.embedded_dir) / EMBEDDED_NAME
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    save_tiny_pipeline(tmp, TinyWanConfig())
+    save_tiny_pipeline(tmp)
     (tmp / "README.md").write_text(f"# {EMBEDDED_NAME}\n\n{EMBEDDED_DESCRIPTION}\n")
     try:
         os.replace(tmp, target)

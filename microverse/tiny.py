@@ -8,7 +8,7 @@ test suite: every component is a real diffusers / transformers class, saved with
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -55,8 +55,6 @@ class TinyWanConfig:
     """Tokenizer max length used by the pipeline for this model."""
     flow_shift: float = 3.0
     """Scheduler shift."""
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata written to ``microverse_tiny.json``."""
 
 
 def build_tokenizer(max_length: int = 32):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -59,8 +60,6 @@ def read_mp4(data: bytes | str | Path) -> tuple[np.ndarray, float]:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and fsync, so a crash leaves no partial file."""
-    import os
-
     tmp = path.with_suffix(path.suffix + ".part")
     with open(tmp, "wb") as f:
         f.write(data)

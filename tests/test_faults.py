@@ -2,7 +2,6 @@
 a full queue, per-key limits, timeouts and the API key."""
 
 import errno
-import threading
 import time
 
 import httpx

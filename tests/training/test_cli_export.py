@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
