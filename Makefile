@@ -6,7 +6,7 @@ PORT ?= 3000
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench-overhead clean
+.PHONY: setup serve test test-fast bench-overhead demo-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test-fast: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(PY) -m microverse.bench_overhead
+
+demo-model: $(STAMP)  # train the demo model from scratch on simulator clips (about 45 min, 2 CPU cores)
+	$(VENV)/bin/microverse train demo --out outputs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -2,7 +2,8 @@
 
 They are the embedded default model (until a trained demo model ships) and the fixtures of the
 test suite: every component is a real diffusers / transformers class, saved with
-``save_pretrained`` and loaded back through the same path as a real checkpoint.
+``save_pretrained`` and loaded back through the same path as a real checkpoint. The tokenizer and
+text-encoder builders are shared with the demo-model recipe (``training.demo``).
 """
 
 from __future__ import annotations
@@ -80,10 +81,28 @@ def build_tokenizer(max_length: int = 32):
     )
 
 
+def build_text_encoder(vocab_size: int, dim: int, layers: int):
+    """A small ``UMT5EncoderModel`` (random weights from the current torch seed) for the word tokenizer."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size,
+            d_model=dim,
+            d_kv=max(dim // 4, 4),
+            d_ff=dim * 2,
+            num_layers=layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
 def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
     """Build a ``WanPipeline`` with seeded random weights of the sizes in ``cfg``."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = cfg or TinyWanConfig()
     torch.manual_seed(cfg.seed)
@@ -98,19 +117,7 @@ def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
     )
     torch.manual_seed(cfg.seed + 1)
     tokenizer = build_tokenizer(cfg.max_sequence_length)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=cfg.text_dim,
-            d_kv=max(cfg.text_dim // 4, 4),
-            d_ff=cfg.text_dim * 2,
-            num_layers=cfg.text_layers,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
     torch.manual_seed(cfg.seed + 2)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),

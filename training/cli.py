@@ -118,16 +118,57 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
 @click.option("--steps", default=2000, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--base-dim", default=16, show_default=True, help="Base channels of the VAE.")
+@click.option("--z-dim", default=4, show_default=True, help="Latent channels.")
+@click.option("--spatial-downsamples", default=3, show_default=True, help="2x spatial downsamplings (3: 8x).")
+@click.option("--temporal-downsamples", default=2, show_default=True, help="Of those, how many halve time too.")
+@click.option("--crop-size", type=int, help="Train on random square crops of this size (default: whole frames).")
+@click.option("--foreground-weight", default=0.0, show_default=True,
+              help="Extra L1 weight by distance from the clip's median colour (small objects on flat backgrounds).")
 @click.option("--lr", default=3e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, lr, seed) -> None:
+def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, z_dim, spatial_downsamples, temporal_downsamples,
+            crop_size, foreground_weight, lr, seed) -> None:
     """Train a small Wan VAE on DATA (for models too small for the real Wan2.1 VAE, e.g. the demo)."""
     from training.vae import VAETrainConfig, train_vae
 
     _setup_logging()
     metrics = train_vae(VAETrainConfig(data=data, out=out, size=size, frames=frames, steps=steps,
-                                       batch_size=batch_size, base_dim=base_dim, lr=lr, seed=seed))
+                                       batch_size=batch_size, base_dim=base_dim, z_dim=z_dim,
+                                       spatial_downsamples=spatial_downsamples,
+                                       temporal_downsamples=temporal_downsamples, crop_size=crop_size,
+                                       foreground_weight=foreground_weight, lr=lr, seed=seed))
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+
+
+@train_group.command("demo")
+@click.option("--out", default="outputs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Working folder; every stage resumes from what is there.")
+@click.option("--config", "config_name", default="demo", show_default=True,
+              type=click.Choice(["demo", "demo-debug"]), help="Recipe (demo-debug: seconds, for tests).")
+@click.option("--compare", type=click.Path(exists=True, file_okay=False),
+              help="A demo model folder whose demo_metrics.json the new metrics are checked against.")
+def demo_cmd(out: str, config_name: str, compare: str | None) -> None:
+    """Train the demo model from scratch on simulator clips, evaluate it, write its model card."""
+    from training.demo import DEMO_CONFIGS, build_demo
+
+    _setup_logging()
+    metrics = build_demo(DEMO_CONFIGS[config_name](), out, reference=compare)
+    summary = {k: metrics[k] for k in ("acceptance", "physics_accuracy", "timings")}
+    summary["generation_seconds"] = metrics["generation"]["seconds_median"]
+    if "reproduction" in metrics:
+        summary["reproduction"] = metrics["reproduction"]
+    click.echo(json.dumps(summary, indent=2))
+
+
+@train_group.command("demo-bench")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--repeats", default=5, show_default=True)
+def demo_bench_cmd(model: str, repeats: int) -> None:
+    """Seconds to generate MODEL's default clip through the serving engine (median of REPEATS after a warm-up)."""
+    from training.demo import benchmark_generation
+
+    _setup_logging()
+    click.echo(json.dumps(benchmark_generation(model, repeats), indent=2))
 
 
 @click.group("data")

@@ -36,10 +36,18 @@ class VAETrainConfig:
     """Clips are resized and centre-cropped to size x size."""
     frames: int = 17
     """Frames per clip (4k+1)."""
+    crop_size: int | None = None
+    """Train on random crop_size x crop_size windows (the VAE is convolutional; far cheaper). None: whole
+    frames. Clips are never cut in time: the causal VAE's reconstruction degrades on frames beyond the
+    length it trained on."""
     base_dim: int = 16
     """Base channel count of the VAE."""
     z_dim: int = 4
     """Latent channels."""
+    spatial_downsamples: int = 3
+    """Spatial 2x downsamplings (3: 8x like Wan2.1; 2: 4x, for small frames)."""
+    temporal_downsamples: int = 2
+    """Of those, how many also halve time (Wan2.1: 2, i.e. 4x)."""
     steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 4
@@ -48,6 +56,10 @@ class VAETrainConfig:
     """AdamW learning rate (cosine decay to 10 % over the steps)."""
     kl_weight: float = 1e-6
     """Weight of the KL term against the L1 reconstruction."""
+    foreground_weight: float = 0.0
+    """Extra L1 weight per unit of a pixel's distance from its clip's median colour (0: plain L1). Small
+    objects on a flat background (cells, particles) are a few percent of the pixels; without it the
+    VAE first learns to reproduce the background alone."""
     seed: int = 0
     """Seed of the initial weights and the clip order."""
 
@@ -71,10 +83,35 @@ def load_clips(cfg: VAETrainConfig) -> torch.Tensor:
 def build_vae(cfg: VAETrainConfig):
     from diffusers import AutoencoderKLWan
 
+    n, nt = cfg.spatial_downsamples, cfg.temporal_downsamples
+    if not 0 <= nt <= n:
+        raise ValueError(f"temporal_downsamples must be between 0 and spatial_downsamples ({n}), got {nt}")
     torch.manual_seed(cfg.seed)
-    return AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], latents_mean=[0.0] * cfg.z_dim,
-                            latents_std=[1.0] * cfg.z_dim)
+    return AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=[1] + [2] * n, num_res_blocks=1,
+                            temperal_downsample=[False] * (n - nt) + [True] * nt, latents_mean=[0.0] * cfg.z_dim,
+                            latents_std=[1.0] * cfg.z_dim, scale_factor_spatial=2**n, scale_factor_temporal=2**nt)
+
+
+def random_crops(clips: torch.Tensor, index: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Clips ``index`` cut to random ``crop_size``² windows (whole frames when unset)."""
+    if cfg.crop_size is None:
+        return clips[index]
+    cs = cfg.crop_size
+    out = []
+    for i in index.tolist():
+        y0, x0 = (int(torch.randint(n - cs + 1, (1,), generator=gen)) for n in clips.shape[-2:])
+        out.append(clips[i, :, :, y0 : y0 + cs, x0 : x0 + cs])
+    return torch.stack(out)
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:
+    """L1, each pixel weighted by ``1 + foreground_weight * |target - clip median|`` (mean over channels)."""
+    l1 = (recon - target).abs()
+    if not foreground_weight:
+        return l1.mean()
+    background = target.flatten(2).median(dim=2).values[..., None, None, None]
+    weight = 1 + foreground_weight * (target - background).abs().mean(dim=1, keepdim=True)
+    return (l1 * weight).sum() / (weight.sum() * l1.shape[1])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,17 +132,20 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     with torch.no_grad():
         start_psnr = psnr(vae(probe).sample, probe)
     losses = []
-    for _ in tqdm(range(cfg.steps), desc="training VAE", unit="step"):
-        batch = clips[torch.randint(len(clips), (cfg.batch_size,), generator=gen)]
+    progress = tqdm(range(cfg.steps), desc="training VAE", unit="step")
+    for _ in progress:
+        batch = random_crops(clips, torch.randint(len(clips), (cfg.batch_size,), generator=gen), cfg, gen)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = (recon - batch).abs().mean() + cfg.kl_weight * posterior.kl().mean()
+        loss = reconstruction_loss(recon, batch, cfg.foreground_weight) + cfg.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     vae.eval()
     with torch.no_grad():
         end_psnr = psnr(vae(probe, sample_posterior=False).sample, probe)
@@ -120,5 +160,6 @@ def train_vae(cfg: VAETrainConfig) -> dict:
                "loss_last": float(np.mean(losses[-n:])), "psnr_start": start_psnr, "psnr_end": end_psnr,
                "parameters": sum(p.numel() for p in vae.parameters()), "config": asdict(cfg)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(losses)))
     logger.info("VAE saved to %s: PSNR %.1f -> %.1f dB", out, start_psnr, end_psnr)
     return metrics

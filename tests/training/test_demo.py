@@ -1,0 +1,50 @@
+"""The demo-model recipe (issue 5): every stage end to end at debug size, resume, and the reproduction check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from evaluation.physics import wan_generate
+from training.demo import METRICS_FILE, build_demo, compare_metrics, demo_debug_config
+
+
+def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
+    cfg = demo_debug_config()
+    metrics = build_demo(cfg, tmp_path, reference=None)
+    model = tmp_path / "model"
+    assert set(metrics["timings"]) == {"data", "vae", "dit", "eval"}
+    assert metrics["training"]["steps"] == cfg.train_steps
+    assert set(metrics["physics_accuracy"]) == {"model", "ceiling", "floor"}
+    assert metrics["physics_accuracy"]["ceiling"]["overall"] == 1.0
+    assert json.loads((model / METRICS_FILE).read_text())["acceptance"] == metrics["acceptance"]
+    assert (model / "README.md").read_text().startswith("# microverse-demo-debug")
+    rows = json.loads((tmp_path / "data" / "metadata.json").read_text())
+    assert any("microscopy" not in r["prompt"] for r in rows) and any("microscopy" in r["prompt"] for r in rows)
+    frames = wan_generate(model, cfg.size, cfg.frames, cfg.steps)("a cell divides into two daughter cells", 0)
+    assert frames.shape == (cfg.frames, cfg.size, cfg.size, 3)
+    # A re-run reuses every finished stage (no retraining) and lands on the same metrics.
+    before = (tmp_path / "train" / "loss.csv").read_text()
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(model / METRICS_FILE, shipped)
+    again = build_demo(cfg, tmp_path, reference=shipped)
+    assert (tmp_path / "train" / "loss.csv").read_text() == before
+    assert again["timings"] == metrics["timings"]
+    assert again["reproduction"]["problems"] == []
+
+
+def test_compare_metrics_names_what_is_out_of_tolerance():
+    ref = {"acceptance": {"mitosis_one_then_two": {"passed": 9, "n": 10, "ok": True}},
+           "physics_accuracy": {"model": {"mitosis": 0.9, "overall": 0.8}},
+           "training": {"loss_last": 0.20}}  # fmt: skip
+    same = json.loads(json.dumps(ref))
+    assert compare_metrics(same, ref) == []
+    worse = json.loads(json.dumps(ref))
+    worse["acceptance"]["mitosis_one_then_two"] = {"passed": 6, "n": 10, "ok": False}
+    worse["physics_accuracy"]["model"]["mitosis"] = 0.5
+    worse["training"]["loss_last"] = np.float64(0.25)
+    problems = compare_metrics(worse, ref)
+    assert len(problems) == 3 and problems[0].startswith("mitosis_one_then_two: 6/10")

@@ -1,0 +1,470 @@
+"""The demo model: a small Wan2.1-architecture pipeline trained from scratch on simulator clips, built to
+be the service's embedded default.
+
+One command builds it on a 2-core CPU (``microverse train demo --out outputs/demo``), in stages that
+each skip (or, for the DiT, resume) when their output exists, so an interrupted run continues:
+
+1. ``data/``   simulator clips (``training.simulator.write_dataset``), captions with and without the
+               "..., fluorescence microscopy" suffix so short prompts work too;
+2. ``vae/``    a small ``AutoencoderKLWan`` (4x space, 2x time) trained on random crops (``training.vae``);
+3. ``init/``   the pipeline: that VAE, a word tokenizer and small UMT5 encoder (random, frozen), a
+               randomly initialised ``WanTransformer3DModel`` and a UniPC flow scheduler;
+4. ``train/``  the DiT trained with the training package (``training.trainer``, full mode, cached latents);
+5. ``model/``  the servable pipeline, evaluated with the physics analysers (``evaluation.physics``):
+               issue-5 acceptance checks, per-process accuracy against the simulator ceiling and the
+               untrained floor, and the generation time of the demo clip; plus a model card.
+
+``DEMO_CONFIGS`` holds the recipe (``demo``) and a seconds-long ``demo-debug`` for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from training.vae import VAETrainConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "demo_metrics.json"
+"""Metrics of a demo model, next to its weights."""
+
+_LOOK_SUFFIX = re.compile(r",? (?:in )?(?:fluorescence|brightfield) microscopy(?: video)?$")
+
+
+@dataclass
+class DemoModelConfig:
+    """Sizes of the demo pipeline (besides the VAE, see :class:`VAETrainConfig`)."""
+
+    text_dim: int = 64
+    """Width of the UMT5 text encoder (random, frozen: it only has to tell prompts apart)."""
+    text_layers: int = 1
+    """Text encoder layers."""
+    num_layers: int = 6
+    """Transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    attention_head_dim: int = 32
+    """Head dimension."""
+    ffn_dim: int = 512
+    """Feed-forward width."""
+    freq_dim: int = 64
+    """Timestep embedding width."""
+    max_sequence_length: int = 32
+    """Text tokens (the captions are short)."""
+    flow_shift: float = 3.0
+    """Flow shift of training and of the UniPC sampler."""
+
+
+@dataclass
+class DemoConfig:
+    """The whole demo recipe."""
+
+    name: str = "microverse-demo"
+    """Model name (folder name and the name the service reports)."""
+    clips: int = 1200
+    """Simulator clips in the training set (the six processes round-robin)."""
+    size: int = 64
+    """Frame size (square)."""
+    frames: int = 17
+    """Frames per clip."""
+    fps: int = 8
+    """Frame rate of the clips and of the videos the model serves."""
+    seed: int = 0
+    """Seed of the data, every initial weight, data order and noise."""
+    workers: int = 2
+    """Processes rendering the data set (the output does not depend on it)."""
+    short_caption_fraction: float = 0.5
+    """Fraction of captions with the "..., <look> microscopy" suffix removed."""
+    vae: VAETrainConfig = field(
+        default_factory=lambda: VAETrainConfig(
+            base_dim=16, z_dim=8, spatial_downsamples=2, temporal_downsamples=1, steps=1000, batch_size=4,
+            crop_size=24, lr=1e-3, foreground_weight=50.0,
+        )
+    )
+    """VAE recipe (``data``/``out``/``size``/``frames``/``seed`` are filled in from this config)."""
+    model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    """Pipeline sizes."""
+    train_steps: int = 1600
+    """DiT optimizer steps."""
+    batch_size: int = 8
+    """Clips per DiT step."""
+    lr: float = 6e-4
+    """Peak DiT learning rate (cosine with warmup)."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    ema_decay: float = 0.995
+    """EMA of the DiT weights (the EMA weights are exported)."""
+    caption_dropout: float = 0.1
+    """Empty-prompt training fraction (for classifier-free guidance)."""
+    steps: int = 20
+    """Default sampling steps of the served model."""
+    guidance_scale: float = 5.0
+    """Default CFG scale of the served model."""
+    eval_seeds: int = 10
+    """Seeds per acceptance prompt."""
+    eval_per_process: int = 10
+    """Held-out simulator prompts per process in the physics evaluation."""
+    bench_repeats: int = 5
+    """Timed generations of the demo clip (after one warm-up)."""
+
+
+def demo_config() -> DemoConfig:
+    """The full recipe (about 40 minutes of training on a 2-core CPU, plus about 5 of evaluation)."""
+    return DemoConfig()
+
+
+def demo_debug_config() -> DemoConfig:
+    """Seconds-long version of every stage, for tests."""
+    return DemoConfig(
+        name="microverse-demo-debug", clips=12, size=32, frames=9, workers=1,
+        vae=replace(DemoConfig().vae, steps=3, batch_size=2, crop_size=16),
+        model=DemoModelConfig(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=8, ffn_dim=32,
+                              freq_dim=16),
+        train_steps=4, batch_size=2, warmup_steps=1, steps=2, eval_seeds=1, eval_per_process=1, bench_repeats=1,
+    )  # fmt: skip
+
+
+DEMO_CONFIGS: dict[str, Callable[[], DemoConfig]] = {"demo": demo_config, "demo-debug": demo_debug_config}
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def make_data(cfg: DemoConfig, out: Path) -> Path:
+    """Simulator clips plus ``metadata.json``; some captions lose their microscopy suffix."""
+    import random
+
+    from training.simulator import write_dataset
+
+    if (out / "metadata.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = write_dataset(tmp, cfg.clips, cfg.size, cfg.frames, cfg.fps, cfg.seed, workers=cfg.workers)
+    rows = json.loads(meta.read_text())
+    rng = random.Random(cfg.seed)
+    for row in rows:
+        if rng.random() < cfg.short_caption_fraction:
+            row["prompt"] = _LOOK_SUFFIX.sub("", row["prompt"])
+    meta.write_text(json.dumps(rows, indent=1))
+    tmp.rename(out)
+    return out
+
+
+def train_demo_vae(cfg: DemoConfig, data: Path, out: Path) -> dict:
+    """Train the VAE (skipped when ``out`` holds one); returns its metrics."""
+    from training.vae import train_vae
+
+    if not (out / "metrics.json").exists():
+        vae_cfg = replace(cfg.vae, data=str(data), out=str(out), size=cfg.size, frames=cfg.frames, seed=cfg.seed)
+        train_vae(vae_cfg)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def build_pipeline(cfg: DemoConfig, vae_dir: Path):
+    """The untrained demo ``WanPipeline``: trained VAE, seeded random text encoder and DiT."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from microverse.tiny import build_text_encoder, build_tokenizer
+
+    m = cfg.model
+    vae = AutoencoderKLWan.from_pretrained(vae_dir)
+    tokenizer = build_tokenizer(m.max_sequence_length)
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = build_text_encoder(len(tokenizer), m.text_dim, m.text_layers)
+    torch.manual_seed(cfg.seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
+        in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, text_dim=m.text_dim, freq_dim=m.freq_dim,
+        ffn_dim=m.ffn_dim, num_layers=m.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )  # fmt: skip
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=m.flow_shift
+    )
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)  # fmt: skip
+
+
+def write_defaults(cfg: DemoConfig, folder: Path) -> None:
+    """``microverse_defaults.json``: the service's defaults for this model."""
+    from microverse.loading import DEFAULTS_FILE, ModelDefaults
+
+    defaults = ModelDefaults(height=cfg.size, width=cfg.size, num_frames=cfg.frames, num_inference_steps=cfg.steps,
+                             guidance_scale=cfg.guidance_scale, fps=cfg.fps,
+                             max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
+    (folder / DEFAULTS_FILE).write_text(json.dumps(asdict(defaults), indent=2))
+
+
+def make_init(cfg: DemoConfig, vae_dir: Path, out: Path) -> Path:
+    """Save the untrained pipeline (the DiT trainer's ``pretrained``, and the evaluation's floor)."""
+    if (out / "model_index.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_pipeline(cfg, vae_dir).save_pretrained(tmp)
+    write_defaults(cfg, tmp)
+    tmp.rename(out)
+    return out
+
+
+def train_config(cfg: DemoConfig, data: Path, init: Path, out: Path):
+    """The :class:`training.config.TrainConfig` of the DiT stage."""
+    from training.config import DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
+
+    return TrainConfig(
+        name=cfg.name, output_dir=str(out),
+        model=ModelConfig(pretrained=str(init), mode="full", text_max_length=cfg.model.max_sequence_length),
+        data=DataConfig(dataset=str(data), buckets=((cfg.frames, cfg.size, cfg.size),),
+                        caption_dropout=cfg.caption_dropout),
+        objective=ObjectiveConfig(flow_shift=cfg.model.flow_shift, timestep_sampling="logit_normal",
+                                  loss_weighting="none"),
+        optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, schedule="cosine", warmup_steps=cfg.warmup_steps),
+        seed=cfg.seed, max_steps=cfg.train_steps, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
+        checkpoint_every=max(cfg.train_steps // 8, 1), keep_checkpoints=1, resume="auto",
+    )  # fmt: skip
+
+
+def assemble(cfg: DemoConfig, init: Path, trained: Path, out: Path) -> Path:
+    """The servable model: the init pipeline with the trained (EMA) transformer."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(trained / "transformer", tmp / "transformer")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def benchmark_generation(model_dir: str | Path, repeats: int = 5) -> dict:
+    """Seconds to generate the model's default clip through the serving engine (one warm-up, then
+    ``repeats`` timed runs; median reported), with the torch thread count it ran on."""
+    from microverse.config import Settings
+    from microverse.engine import DiffusersEngine
+    from microverse.schemas import GenerationSpec
+
+    engine = DiffusersEngine.from_settings(Settings(model=str(model_dir)))
+    d = engine.model.defaults
+    spec = GenerationSpec(prompt="a cell divides into two daughter cells", negative_prompt=d.negative_prompt,
+                          height=d.height, width=d.width, num_frames=d.num_frames, num_inference_steps=d.num_inference_steps,
+                          guidance_scale=d.guidance_scale, seed=0, fps=d.fps)  # fmt: skip
+    engine.generate([spec])
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        engine.generate([replace(spec, seed=i + 1)])
+        times.append(time.perf_counter() - t0)
+    return {"seconds_median": statistics.median(times), "seconds": times, "threads": torch.get_num_threads(),
+            "shape": [d.num_frames, d.height, d.width], "steps": d.num_inference_steps}  # fmt: skip
+
+
+def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path | None = None) -> dict:
+    """Acceptance checks, physics accuracy (model, simulator ceiling, optional floor) and generation time."""
+    from evaluation.physics import (
+        acceptance_checks,
+        evaluate_physics,
+        heldout_cases,
+        simulator_generate,
+        wan_generate,
+    )
+
+    cases = heldout_cases(cfg.eval_per_process, size=cfg.size, frames=cfg.frames)
+    gen = wan_generate(model_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
+    t0 = time.perf_counter()
+    acceptance = acceptance_checks(gen, range(cfg.eval_seeds))
+    model = evaluate_physics(gen, cases, "demo model")
+    sources = {"model": model.accuracy(), "ceiling": evaluate_physics(simulator_generate(cases), cases, "simulator").accuracy()}
+    if floor_dir is not None:
+        floor_gen = wan_generate(floor_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
+        sources["floor"] = evaluate_physics(floor_gen, cases, "untrained").accuracy()
+    return {
+        "acceptance": acceptance,
+        "physics_accuracy": sources,
+        "physics_cases_per_process": cfg.eval_per_process,
+        "generation": benchmark_generation(model_dir, cfg.bench_repeats),
+        "eval_seconds": time.perf_counter() - t0,
+    }
+
+
+TOLERANCE = {"acceptance_seeds": 2, "accuracy_points": 0.2, "final_loss_relative": 0.1}
+"""How far a retrained model may land from the reference one: acceptance passes within 2 of 10 seeds
+(and still meeting the bar), per-process physics accuracy within 20 points, final loss within 10 %."""
+
+
+def compare_metrics(new: dict, ref: dict) -> list[str]:
+    """Differences between two ``demo_metrics.json`` beyond :data:`TOLERANCE` (empty: reproduced)."""
+    problems = []
+    for name, ref_check in ref["acceptance"].items():
+        got = new["acceptance"][name]
+        if abs(got["passed"] - ref_check["passed"]) > TOLERANCE["acceptance_seeds"] or (ref_check["ok"] and not got["ok"]):
+            problems.append(f"{name}: {got['passed']}/{got['n']} vs reference {ref_check['passed']}/{ref_check['n']}")
+    for proc, acc in ref["physics_accuracy"]["model"].items():
+        got = new["physics_accuracy"]["model"].get(proc, 0.0)
+        if abs(got - acc) > TOLERANCE["accuracy_points"]:
+            problems.append(f"physics accuracy {proc}: {got:.2f} vs reference {acc:.2f}")
+    a, b = new["training"]["loss_last"], ref["training"]["loss_last"]
+    if abs(a - b) > TOLERANCE["final_loss_relative"] * b:
+        problems.append(f"final loss {a:.4f} vs reference {b:.4f}")
+    return problems
+
+
+def loss_summary(train_dir: Path) -> dict:
+    """First and last tenth of the DiT loss curve."""
+    import csv
+
+    losses = [float(r["loss"]) for r in csv.DictReader(open(train_dir / "loss.csv"))]
+    n = max(1, len(losses) // 10)
+    return {"steps": len(losses), "loss_first": statistics.fmean(losses[:n]), "loss_last": statistics.fmean(losses[-n:])}
+
+
+# ----------------------------------------------------------------------------------------------
+# model card
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def model_card(cfg: DemoConfig, metrics: dict) -> str:
+    """README.md of the demo model."""
+    acc = metrics["physics_accuracy"]
+    cols = [c for c in ("model", "ceiling", "floor") if c in acc]
+    labels = {"model": "this model", "ceiling": "simulator (ceiling)", "floor": "untrained (floor)"}
+    rows = "\n".join(
+        f"| {proc} | " + " | ".join(_pct(acc[c].get(proc, 0.0)) for c in cols) + " |" for proc in acc["model"]
+    )
+    acceptance = "\n".join(
+        f"| {name} | {a['passed']}/{a['n']} | {a['required']}/{a['n']} | {'yes' if a['ok'] else 'no'} |"
+        for name, a in metrics["acceptance"].items()
+    )
+    gen, vae, tr, t = metrics["generation"], metrics["vae"], metrics["training"], metrics["timings"]
+    return f"""# {cfg.name}
+
+A small Wan2.1-architecture text-to-video model (diffusers `WanPipeline`: `AutoencoderKLWan`,
+`WanTransformer3DModel`, `UMT5EncoderModel` and a word-level tokenizer) trained **from scratch on
+procedural simulator clips** of six microscale processes (diffusion, mitosis, blood flow,
+chemotaxis, vesicle transport, apoptosis), on a 2-core CPU, built to be MicroVerse's embedded
+default model: it makes {cfg.frames}-frame {cfg.size}x{cfg.size} microscopy-like clips of those processes
+from text. It knows only the simulator's vocabulary and looks; it is a demo, not a scientific model.
+
+## Data
+{cfg.clips} clips from `training.simulator` (seed {cfg.seed}, {cfg.size}x{cfg.size}, {cfg.frames} frames at
+{cfg.fps} fps, fluorescence and brightfield looks), captions from the simulator's templates, with the
+", <look> microscopy" suffix removed from {_pct(cfg.short_caption_fraction)} of them.
+
+## Training
+Stages and wall time on this machine ({metrics['machine']}):
+
+| stage | what | seconds |
+|---|---|---|
+| data | render and encode {cfg.clips} clips | {t['data']:.0f} |
+| vae | {vae['parameters'] / 1e6:.2f} M-parameter VAE, {cfg.vae.steps} steps on {cfg.frames}x{cfg.vae.crop_size}x{cfg.vae.crop_size} crops; PSNR {vae['psnr_start']:.1f} -> {vae['psnr_end']:.1f} dB | {t['vae']:.0f} |
+| dit | {metrics['dit_parameters'] / 1e6:.2f} M-parameter DiT, {tr['steps']} steps of {cfg.batch_size} clips (flow matching, full, EMA {cfg.ema_decay}), latent caching included; loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f} | {t['dit']:.0f} |
+| eval | acceptance checks, physics evaluation, generation benchmark | {t['eval']:.0f} |
+| **total** | | **{sum(t.values()):.0f}** |
+
+![loss curve](loss.png)
+
+Full recipe: `demo_config.json` (`training.demo.DemoConfig`).
+
+## Metrics
+Issue-5 acceptance checks ({cfg.steps} UniPC steps, CFG {cfg.guidance_scale}, through the serving engine):
+
+| check | passed | required | ok |
+|---|---|---|---|
+{acceptance}
+
+Physics accuracy on {metrics['physics_cases_per_process']} held-out simulator prompts per process
+(`evaluation.physics`; the ceiling is the simulator's own clip for the same prompt, the floor this
+pipeline before DiT training):
+
+| process | {' | '.join(labels[c] for c in cols)} |
+|---|{'---|' * len(cols)}
+{rows}
+
+Generation of the demo clip ({gen['shape'][0]}x{gen['shape'][1]}x{gen['shape'][2]}, {gen['steps']} steps, CFG) through the
+serving engine on {gen['threads']} CPU threads: **{gen['seconds_median']:.2f} s** (median of {len(gen['seconds'])}).
+
+## Reproduce
+    microverse train demo --out outputs/demo --compare <this folder>
+
+rebuilds every stage from scratch (each stage resumes if interrupted) and compares the new
+metrics with these ones. Tolerance: acceptance checks within {TOLERANCE['acceptance_seeds']} seeds of
+10 (and still passing), per-process physics accuracy within {TOLERANCE['accuracy_points'] * 100:.0f} points,
+final loss within {TOLERANCE['final_loss_relative'] * 100:.0f} %. Runs on other CPUs differ in the
+last float bits, which is what the tolerance covers.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def build_demo(cfg: DemoConfig, out_dir: str | Path, reference: str | Path | None = None) -> dict:
+    """Run every stage into ``out_dir``; returns the metrics (also in ``out_dir/model/demo_metrics.json``).
+
+    With ``reference`` (a model folder holding ``demo_metrics.json``), the metrics are compared with
+    its own and the differences beyond :data:`TOLERANCE` listed under ``reproduction``.
+    """
+    import platform
+
+    from training.trainer import train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    def stage(name: str, fn):
+        if name in timings:
+            return fn()
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        timings_file.write_text(json.dumps(timings, indent=2))
+        logger.info("stage %s done in %.0f s", name, timings[name])
+        return result
+
+    data = stage("data", lambda: make_data(cfg, out / "data"))
+    vae = stage("vae", lambda: train_demo_vae(cfg, data, out / "vae"))
+    init = make_init(cfg, out / "vae", out / "init")
+    final = stage("dit", lambda: train(train_config(cfg, data, init, out / "train")))
+    model = assemble(cfg, init, final, out / "model")
+    dit_params = sum(t.numel() for t in _load_safetensors(model / "transformer").values())
+    metrics = stage("eval", lambda: evaluate_model(model, cfg, floor_dir=init))
+    metrics.update(vae={k: v for k, v in vae.items() if k != "config"}, training=loss_summary(out / "train"),
+                   dit_parameters=dit_params, timings=timings, config=asdict(cfg),
+                   machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")  # fmt: skip
+    ref = Path(reference) / METRICS_FILE if reference else None
+    if ref is not None and ref.exists() and ref.resolve() != (model / METRICS_FILE).resolve():
+        metrics["reproduction"] = {"reference": str(ref), "problems": compare_metrics(metrics, json.loads(ref.read_text()))}
+    (model / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (model / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    shutil.copy(out / "train" / "loss.png", model / "loss.png")
+    (model / "README.md").write_text(model_card(cfg, metrics))
+    logger.info("demo model written to %s", model)
+    return metrics
+
+
+def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
