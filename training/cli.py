@@ -122,12 +122,14 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
 @click.option("--spatial-downsamples", default=3, show_default=True, help="2x spatial downsamplings (3: 8x).")
 @click.option("--temporal-downsamples", default=2, show_default=True, help="Of those, how many halve time too.")
 @click.option("--crop-size", type=int, help="Train on random square crops of this size (default: whole frames).")
+@click.option("--crop-candidates", default=1, show_default=True,
+              help="Random windows per crop; the one with the most foreground is used.")
 @click.option("--foreground-weight", default=0.0, show_default=True,
               help="Extra L1 weight by distance from the clip's median colour (small objects on flat backgrounds).")
 @click.option("--lr", default=3e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, z_dim, spatial_downsamples, temporal_downsamples,
-            crop_size, foreground_weight, lr, seed) -> None:
+            crop_size, crop_candidates, foreground_weight, lr, seed) -> None:
     """Train a small Wan VAE on DATA (for models too small for the real Wan2.1 VAE, e.g. the demo)."""
     from training.vae import VAETrainConfig, train_vae
 
@@ -136,7 +138,8 @@ def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, z_dim, spatial
                                        batch_size=batch_size, base_dim=base_dim, z_dim=z_dim,
                                        spatial_downsamples=spatial_downsamples,
                                        temporal_downsamples=temporal_downsamples, crop_size=crop_size,
-                                       foreground_weight=foreground_weight, lr=lr, seed=seed))
+                                       crop_candidates=crop_candidates, foreground_weight=foreground_weight,
+                                       lr=lr, seed=seed))
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
 
 

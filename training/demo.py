@@ -88,7 +88,7 @@ class DemoConfig:
     vae: VAETrainConfig = field(
         default_factory=lambda: VAETrainConfig(
             base_dim=16, z_dim=8, spatial_downsamples=2, temporal_downsamples=1, steps=1000, batch_size=4,
-            crop_size=24, lr=1e-3, foreground_weight=50.0,
+            crop_size=24, crop_candidates=8, lr=1e-3, foreground_weight=50.0,
         )
     )
     """VAE recipe (``data``/``out``/``size``/``frames``/``seed`` are filled in from this config)."""

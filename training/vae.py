@@ -40,6 +40,9 @@ class VAETrainConfig:
     """Train on random crop_size x crop_size windows (the VAE is convolutional; far cheaper). None: whole
     frames. Clips are never cut in time: the causal VAE's reconstruction degrades on frames beyond the
     length it trained on."""
+    crop_candidates: int = 1
+    """Random windows drawn per crop; the one with the most foreground is used (1: uniform crops). Small
+    objects fill few windows, so uniform crops mostly teach the background."""
     base_dim: int = 16
     """Base channel count of the VAE."""
     z_dim: int = 4
@@ -93,14 +96,19 @@ def build_vae(cfg: VAETrainConfig):
 
 
 def random_crops(clips: torch.Tensor, index: torch.Tensor, cfg: VAETrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Clips ``index`` cut to random ``crop_size``² windows (whole frames when unset)."""
+    """Clips ``index`` cut to ``crop_size``² windows (whole frames when unset): of ``crop_candidates``
+    random windows, the one holding the most foreground (distance from the clip's median colour)."""
     if cfg.crop_size is None:
         return clips[index]
-    cs = cfg.crop_size
+    cs, h, w = cfg.crop_size, clips.shape[-2], clips.shape[-1]
     out = []
     for i in index.tolist():
-        y0, x0 = (int(torch.randint(n - cs + 1, (1,), generator=gen)) for n in clips.shape[-2:])
-        out.append(clips[i, :, :, y0 : y0 + cs, x0 : x0 + cs])
+        clip = clips[i]
+        fg = (clip - clip.flatten(1).median(dim=1).values[:, None, None, None]).abs().sum(dim=(0, 1))
+        windows = torch.stack([torch.randint(h - cs + 1, (cfg.crop_candidates,), generator=gen),
+                               torch.randint(w - cs + 1, (cfg.crop_candidates,), generator=gen)], dim=1)
+        y0, x0 = max(windows.tolist(), key=lambda yx: float(fg[yx[0] : yx[0] + cs, yx[1] : yx[1] + cs].sum()))
+        out.append(clip[:, :, y0 : y0 + cs, x0 : x0 + cs])
     return torch.stack(out)
 
 

@@ -56,3 +56,18 @@ def test_foreground_weight_puts_small_objects_first():
     assert reconstruction_loss(background_only, target) < reconstruction_loss(blurred_object, target)
     assert reconstruction_loss(background_only, target, 10.0) > reconstruction_loss(blurred_object, target, 10.0)
     assert reconstruction_loss(target, target, 10.0) == 0
+
+
+def test_crop_candidates_prefer_windows_with_objects():
+    import torch
+
+    from training.vae import VAETrainConfig, random_crops
+
+    clips = -torch.ones(1, 3, 5, 64, 64)
+    clips[..., 50:54, 50:54] = 1.0  # one small object in a corner
+    gen = torch.Generator().manual_seed(0)
+    uniform = random_crops(clips.expand(64, -1, -1, -1, -1), torch.arange(64), VAETrainConfig(crop_size=16), gen)
+    chosen = random_crops(clips.expand(64, -1, -1, -1, -1), torch.arange(64),
+                          VAETrainConfig(crop_size=16, crop_candidates=8), gen)
+    with_object = lambda crops: int((crops.amax(dim=(1, 2, 3, 4)) > 0).sum())  # noqa: E731
+    assert with_object(chosen) > 2 * with_object(uniform)
