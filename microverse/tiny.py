@@ -100,9 +100,30 @@ def build_text_encoder(vocab_size: int, dim: int, layers: int):
     )
 
 
+def build_transformer(z_dim: int, text_dim: int, freq_dim: int, ffn_dim: int, num_layers: int, num_heads: int,
+                      head_dim: int):
+    """A small ``WanTransformer3DModel`` (Wan2.1's layout, random weights from the current torch seed)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=num_heads,
+        attention_head_dim=head_dim,
+        in_channels=z_dim,
+        out_channels=z_dim,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
 def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
     """Build a ``WanPipeline`` with seeded random weights of the sizes in ``cfg``."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     cfg = cfg or TinyWanConfig()
     torch.manual_seed(cfg.seed)
@@ -119,20 +140,8 @@ def build_tiny_pipeline(cfg: TinyWanConfig | None = None):
     tokenizer = build_tokenizer(cfg.max_sequence_length)
     text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
     torch.manual_seed(cfg.seed + 2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim,
-        in_channels=cfg.z_dim,
-        out_channels=cfg.z_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    transformer = build_transformer(cfg.z_dim, cfg.text_dim, cfg.freq_dim, cfg.ffn_dim, cfg.num_layers,
+                                    cfg.num_attention_heads, cfg.attention_head_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler

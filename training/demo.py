@@ -174,9 +174,9 @@ def train_demo_vae(cfg: DemoConfig, data: Path, out: Path) -> dict:
 
 def build_pipeline(cfg: DemoConfig, vae_dir: Path):
     """The untrained demo ``WanPipeline``: trained VAE, seeded random text encoder and DiT."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
-    from microverse.tiny import build_text_encoder, build_tokenizer
+    from microverse.tiny import build_text_encoder, build_tokenizer, build_transformer
 
     m = cfg.model
     vae = AutoencoderKLWan.from_pretrained(vae_dir)
@@ -184,12 +184,8 @@ def build_pipeline(cfg: DemoConfig, vae_dir: Path):
     torch.manual_seed(cfg.seed + 1)
     text_encoder = build_text_encoder(len(tokenizer), m.text_dim, m.text_layers)
     torch.manual_seed(cfg.seed + 2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
-        in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, text_dim=m.text_dim, freq_dim=m.freq_dim,
-        ffn_dim=m.ffn_dim, num_layers=m.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )  # fmt: skip
+    transformer = build_transformer(vae.config.z_dim, m.text_dim, m.freq_dim, m.ffn_dim, m.num_layers,
+                                    m.num_attention_heads, m.attention_head_dim)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=m.flow_shift
     )
@@ -236,7 +232,7 @@ def train_config(cfg: DemoConfig, data: Path, init: Path, out: Path):
     )  # fmt: skip
 
 
-def assemble(cfg: DemoConfig, init: Path, trained: Path, out: Path) -> Path:
+def assemble(init: Path, trained: Path, out: Path) -> Path:
     """The servable model: the init pipeline with the trained (EMA) transformer."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -285,7 +281,6 @@ def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path
 
     cases = heldout_cases(cfg.eval_per_process, size=cfg.size, frames=cfg.frames)
     gen = wan_generate(model_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
-    t0 = time.perf_counter()
     acceptance = acceptance_checks(gen, range(cfg.eval_seeds))
     model = evaluate_physics(gen, cases, "demo model")
     sources = {"model": model.accuracy(), "ceiling": evaluate_physics(simulator_generate(cases), cases, "simulator").accuracy()}
@@ -297,7 +292,6 @@ def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path
         "physics_accuracy": sources,
         "physics_cases_per_process": cfg.eval_per_process,
         "generation": benchmark_generation(model_dir, cfg.bench_repeats),
-        "eval_seconds": time.perf_counter() - t0,
     }
 
 
@@ -380,7 +374,7 @@ Stages and wall time on this machine ({metrics['machine']}):
 
 ![loss curve](loss.png)
 
-Full recipe: `demo_config.json` (`training.demo.DemoConfig`).
+Full recipe: `config` in `demo_metrics.json` (`training.demo.DemoConfig`).
 
 ## Metrics
 Issue-5 acceptance checks ({cfg.steps} UniPC steps, CFG {cfg.guidance_scale}, through the serving engine):
@@ -415,56 +409,66 @@ last float bits, which is what the tolerance covers.
 # driver
 
 
-def build_demo(cfg: DemoConfig, out_dir: str | Path, reference: str | Path | None = None) -> dict:
-    """Run every stage into ``out_dir``; returns the metrics (also in ``out_dir/model/demo_metrics.json``).
+class _Stages:
+    """Runs stages and records each one's wall time in ``timings.json`` (kept across resumed runs)."""
 
-    With ``reference`` (a model folder holding ``demo_metrics.json``), the metrics are compared with
-    its own and the differences beyond :data:`TOLERANCE` listed under ``reproduction``.
-    """
-    import platform
+    def __init__(self, out: Path):
+        self.file = out / "timings.json"
+        self.timings: dict[str, float] = json.loads(self.file.read_text()) if self.file.exists() else {}
 
-    from training.trainer import train
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings_file = out / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-
-    def stage(name: str, fn):
-        if name in timings:
+    def __call__(self, name: str, fn):
+        """``fn()``; timed only the first time ``name`` runs (a re-run is a resume, not the work)."""
+        if name in self.timings:
             return fn()
         t0 = time.perf_counter()
         result = fn()
-        timings[name] = time.perf_counter() - t0
-        timings_file.write_text(json.dumps(timings, indent=2))
-        logger.info("stage %s done in %.0f s", name, timings[name])
+        self.timings[name] = time.perf_counter() - t0
+        self.file.write_text(json.dumps(self.timings, indent=2))
+        logger.info("stage %s done in %.0f s", name, self.timings[name])
         return result
+
+
+def build_demo(cfg: DemoConfig, out_dir: str | Path, reference: str | Path | None = None) -> dict:
+    """Run every stage into ``out_dir``; returns the metrics (also in ``out_dir/model/demo_metrics.json``).
+
+    A finished build is not redone. With ``reference`` (a model folder holding ``demo_metrics.json``),
+    the metrics are compared with its own and the differences beyond :data:`TOLERANCE` listed under
+    ``reproduction``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model"
+    if (model / METRICS_FILE).exists():  # a finished build: nothing to redo
+        metrics = json.loads((model / METRICS_FILE).read_text())
+    else:
+        metrics = _build(cfg, out, _Stages(out))
+    ref = Path(reference) / METRICS_FILE if reference else None
+    if ref is not None and ref.exists() and ref.resolve() != (model / METRICS_FILE).resolve():
+        metrics["reproduction"] = {"reference": str(ref), "problems": compare_metrics(metrics, json.loads(ref.read_text()))}
+        (model / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _build(cfg: DemoConfig, out: Path, stage: _Stages) -> dict:
+    """Every stage, then the model folder's metrics, loss curve and card."""
+    import platform
+
+    from diffusers import WanTransformer3DModel
+
+    from training.trainer import train
 
     data = stage("data", lambda: make_data(cfg, out / "data"))
     vae = stage("vae", lambda: train_demo_vae(cfg, data, out / "vae"))
     init = make_init(cfg, out / "vae", out / "init")
     final = stage("dit", lambda: train(train_config(cfg, data, init, out / "train")))
-    model = assemble(cfg, init, final, out / "model")
-    dit_params = sum(t.numel() for t in _load_safetensors(model / "transformer").values())
+    model = assemble(init, final, out / "model")
     metrics = stage("eval", lambda: evaluate_model(model, cfg, floor_dir=init))
+    dit_params = sum(p.numel() for p in WanTransformer3DModel.from_pretrained(model / "transformer").parameters())
     metrics.update(vae={k: v for k, v in vae.items() if k != "config"}, training=loss_summary(out / "train"),
-                   dit_parameters=dit_params, timings=timings, config=asdict(cfg),
+                   dit_parameters=dit_params, timings=stage.timings, config=asdict(cfg),
                    machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")  # fmt: skip
-    ref = Path(reference) / METRICS_FILE if reference else None
-    if ref is not None and ref.exists() and ref.resolve() != (model / METRICS_FILE).resolve():
-        metrics["reproduction"] = {"reference": str(ref), "problems": compare_metrics(metrics, json.loads(ref.read_text()))}
     (model / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    (model / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     shutil.copy(out / "train" / "loss.png", model / "loss.png")
     (model / "README.md").write_text(model_card(cfg, metrics))
     logger.info("demo model written to %s", model)
     return metrics
-
-
-def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors

@@ -63,6 +63,8 @@ class VAETrainConfig:
     """Extra L1 weight per unit of a pixel's distance from its clip's median colour (0: plain L1). Small
     objects on a flat background (cells, particles) are a few percent of the pixels; without it the
     VAE first learns to reproduce the background alone."""
+    stats_clips: int = 256
+    """Clips (evenly spaced) encoded to measure ``latents_mean``/``latents_std``."""
     seed: int = 0
     """Seed of the initial weights and the clip order."""
 
@@ -157,7 +159,8 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     vae.eval()
     with torch.no_grad():
         end_psnr = psnr(vae(probe, sample_posterior=False).sample, probe)
-        mus = torch.cat([vae.encode(clips[i : i + 8]).latent_dist.mode() for i in range(0, len(clips), 8)])
+        sample = clips[torch.linspace(0, len(clips) - 1, min(len(clips), cfg.stats_clips)).long()]
+        mus = torch.cat([vae.encode(sample[i : i + 8]).latent_dist.mode() for i in range(0, len(sample), 8)])
     mean = mus.mean(dim=(0, 2, 3, 4))
     std = mus.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
