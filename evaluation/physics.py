@@ -8,8 +8,10 @@ px^2/frame), mean velocity (tracking, cross-checked by Farneback optical flow) a
 a source. ``check_process`` compares a measurement with a simulator clip's parameters;
 ``evaluate_physics`` runs held-out simulator prompts through any ``generate(prompt, seed) -> frames``
 callable and reports per-process accuracy; ``acceptance_checks`` runs issue 5's two fixed-prompt
-checks. ``physics_command`` (``microverse eval physics``) compares sources (simulator ceiling, a
-``WanPipeline`` folder such as an untrained floor, a folder of clips) in a Markdown/JSON report with plots.
+checks. ``through_vae`` passes the simulator clips through a VAE: the ceiling of any model decoding
+with it. ``physics_command`` (``microverse eval physics``) compares sources (simulator ceiling, a VAE's
+reconstruction ceiling, a ``WanPipeline`` folder such as an untrained floor, a folder of clips) in a
+Markdown/JSON report with plots.
 """
 
 from __future__ import annotations
@@ -408,6 +410,35 @@ def simulator_generate(cases: Sequence[PhysicsCase]) -> Generate:
     return generate
 
 
+def load_vae(path: str | Path):
+    """``AutoencoderKLWan`` from a VAE folder, or a pipeline folder or Hugging Face id with a ``vae`` subfolder."""
+    from diffusers import AutoencoderKLWan
+
+    subfolder = None if (Path(path) / "config.json").is_file() else "vae"
+    return AutoencoderKLWan.from_pretrained(str(path), subfolder=subfolder).eval()
+
+
+def through_vae(generate: Generate, vae) -> Generate:
+    """``generate`` followed by an ``AutoencoderKLWan`` encode and decode (the posterior mean).
+
+    Wrapping the simulator gives the reconstruction ceiling: no model decoding with that VAE can show
+    what the reconstruction already loses. ``vae`` is a loaded VAE or a path for :func:`load_vae`.
+    """
+    import torch
+
+    if isinstance(vae, (str, Path)):
+        vae = load_vae(vae)
+
+    def reconstruct(prompt: str, seed: int) -> np.ndarray:
+        frames = load_video(generate(prompt, seed))
+        x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].to(vae.dtype) / 127.5 - 1
+        with torch.no_grad():
+            rec = vae(x, sample_posterior=False).sample[0].float().clamp(-1, 1)
+        return ((rec.permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+
+    return reconstruct
+
+
 def wan_generate(
     model_path: str | Path, size: int = 64, frames: int = 17, steps: int = 20, guidance_scale: float = 5.0
 ) -> Generate:
@@ -644,6 +675,13 @@ def write_report(reports: Sequence[PhysicsReport], out_dir: str | Path) -> dict[
     help="Checkpoint folder run through the serving engine (e.g. an untrained model: the floor).",
 )
 @click.option(
+    "--vae",
+    "vaes",
+    multiple=True,
+    help="VAE folder, or pipeline folder / Hugging Face id with a vae/ subfolder: the simulator clips "
+    "through its encode and decode (the reconstruction ceiling of models using it).",
+)
+@click.option(
     "--n-per-process",
     type=int,
     default=10,
@@ -676,6 +714,7 @@ def physics_command(
     sources,
     videos_dirs,
     models,
+    vaes,
     n_per_process,
     seed,
     size,
@@ -687,16 +726,20 @@ def physics_command(
     out_dir,
 ):
     """Physics-grounded metrics: per-process accuracy of videos against simulator ground truth."""
-    if not (sources or videos_dirs or models):
+    if not (sources or videos_dirs or models or vaes):
         sources = ("simulator",)
     procs = parse_processes(processes)
     seeds = range(acceptance_seeds)
     reports = []
-    if sources or models:
+    if sources or models or vaes:
         cases = heldout_cases(n_per_process, seed, size, frames, procs)
         generators = (
             [("simulator", simulator_generate(cases), simulator_prompt_generate(size, frames))] if sources else []
         )
+        for path in vaes:
+            vae = load_vae(path)
+            prompt_gen = through_vae(simulator_prompt_generate(size, frames), vae)
+            generators.append((f"vae:{Path(path).name}", through_vae(simulator_generate(cases), vae), prompt_gen))
         for path in models:
             gen = wan_generate(path, size, frames, steps, guidance_scale)
             generators.append((f"model:{path.name}", gen, gen))

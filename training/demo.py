@@ -270,12 +270,14 @@ def benchmark_generation(model_dir: str | Path, repeats: int = 5) -> dict:
 
 
 def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path | None = None) -> dict:
-    """Acceptance checks, physics accuracy (model, simulator ceiling, optional floor) and generation time."""
+    """Acceptance checks, physics accuracy (model; simulator ceiling, also through the model's VAE; optional
+    floor) and generation time."""
     from evaluation.physics import (
         acceptance_checks,
         evaluate_physics,
         heldout_cases,
         simulator_generate,
+        through_vae,
         wan_generate,
     )
 
@@ -283,7 +285,12 @@ def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path
     gen = wan_generate(model_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
     acceptance = acceptance_checks(gen, range(cfg.eval_seeds))
     model = evaluate_physics(gen, cases, "demo model")
-    sources = {"model": model.accuracy(), "ceiling": evaluate_physics(simulator_generate(cases), cases, "simulator").accuracy()}
+    sim = simulator_generate(cases)
+    sources = {
+        "model": model.accuracy(),
+        "ceiling": evaluate_physics(sim, cases, "simulator").accuracy(),
+        "vae": evaluate_physics(through_vae(sim, model_dir), cases, "through VAE").accuracy(),
+    }
     if floor_dir is not None:
         floor_gen = wan_generate(floor_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
         sources["floor"] = evaluate_physics(floor_gen, cases, "untrained").accuracy()
@@ -337,8 +344,9 @@ def _pct(x: float) -> str:
 def model_card(cfg: DemoConfig, metrics: dict) -> str:
     """README.md of the demo model."""
     acc = metrics["physics_accuracy"]
-    cols = [c for c in ("model", "ceiling", "floor") if c in acc]
-    labels = {"model": "this model", "ceiling": "simulator (ceiling)", "floor": "untrained (floor)"}
+    cols = [c for c in ("model", "ceiling", "vae", "floor") if c in acc]
+    labels = {"model": "this model", "ceiling": "simulator (ceiling)", "vae": "simulator through the VAE",
+              "floor": "untrained (floor)"}
     rows = "\n".join(
         f"| {proc} | " + " | ".join(_pct(acc[c].get(proc, 0.0)) for c in cols) + " |" for proc in acc["model"]
     )
@@ -384,8 +392,9 @@ Issue-5 acceptance checks ({cfg.steps} UniPC steps, CFG {cfg.guidance_scale}, th
 {acceptance}
 
 Physics accuracy on {metrics['physics_cases_per_process']} held-out simulator prompts per process
-(`evaluation.physics`; the ceiling is the simulator's own clip for the same prompt, the floor this
-pipeline before DiT training):
+(`evaluation.physics`; the ceiling is the simulator's own clip for the same prompt, encoded and decoded
+by this model's VAE in the next column, which bounds what any model decoding with it can show; the
+floor is this pipeline before DiT training):
 
 | process | {' | '.join(labels[c] for c in cols)} |
 |---|{'---|' * len(cols)}

@@ -19,11 +19,13 @@ from evaluation.physics import (
     evaluate_physics,
     heldout_cases,
     link_tracks,
+    load_vae,
     load_video,
     msd_diffusion,
     physics_command,
     simulator_generate,
     simulator_prompt_generate,
+    through_vae,
 )
 from training.simulator import encode_mp4, render_clip, write_dataset
 
@@ -169,6 +171,23 @@ def test_evaluate_physics_ceiling_and_floor():
     assert failed.accuracy()["overall"] == 0 and "generator crashed" in failed.results[0].error
 
 
+def test_through_vae_reconstructs_the_generated_clip(tiny_model_dir):
+    """The reconstruction ceiling: any generate, encoded and decoded by a pipeline's (or a bare) VAE."""
+    cases = heldout_cases(1, processes=["mitosis", "diffusion"])
+    sim = simulator_generate(cases)
+    via_pipeline = through_vae(sim, tiny_model_dir)
+    via_folder = through_vae(sim, tiny_model_dir / "vae")
+    via_module = through_vae(sim, load_vae(tiny_model_dir))
+    c = cases[0]
+    clip = sim(c.prompt, c.seed)
+    rec = via_pipeline(c.prompt, c.seed)
+    assert rec.shape == clip.shape == (17, 64, 64, 3) and rec.dtype == np.uint8
+    assert np.abs(rec.astype(int) - clip).mean() > 1  # the tiny VAE is random: it does change the clip
+    np.testing.assert_array_equal(rec, via_folder(c.prompt, c.seed))
+    np.testing.assert_array_equal(rec, via_module(c.prompt, c.seed))
+    assert evaluate_physics(via_pipeline, cases, "random VAE").accuracy()["overall"] < 1.0
+
+
 def test_heldout_cases_are_deterministic_and_not_training_seeds():
     a, b = heldout_cases(2, processes=["mitosis"]), heldout_cases(2, processes=["mitosis"])
     assert a == b and a[0].seed not in range(10_000)
@@ -204,10 +223,10 @@ def test_physics_command_simulator_and_videos(tmp_path):
 @pytest.mark.slow
 def test_physics_command_untrained_model_floor(tmp_path, tiny_model_dir):
     model = tiny_model_dir  # seeded random weights: the untrained floor
-    args = ["--source", "simulator", "--model", str(model), "--processes", "mitosis", "--acceptance-seeds", "1"]
-    args += ["--n-per-process", "1", "--steps", "1", "--out", str(tmp_path / "out")]
+    args = ["--source", "simulator", "--model", str(model), "--vae", str(model / "vae"), "--processes", "mitosis"]
+    args += ["--acceptance-seeds", "1", "--n-per-process", "1", "--steps", "1", "--out", str(tmp_path / "out")]
     res = CliRunner().invoke(physics_command, args)
     assert res.exit_code == 0, res.output
-    acc = _check_outputs(tmp_path / "out", ["simulator", f"model:{model.name}"])
+    acc = _check_outputs(tmp_path / "out", ["simulator", "vae:vae", f"model:{model.name}"])
     assert acc["simulator"]["overall"] == 1.0
-    assert set(acc[f"model:{model.name}"]) == {"mitosis", "overall"}
+    assert set(acc[f"model:{model.name}"]) == set(acc["vae:vae"]) == {"mitosis", "overall"}

@@ -17,7 +17,7 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     model = tmp_path / "model"
     assert set(metrics["timings"]) == {"data", "vae", "dit", "eval"}
     assert metrics["training"]["steps"] == cfg.train_steps
-    assert set(metrics["physics_accuracy"]) == {"model", "ceiling", "floor"}
+    assert set(metrics["physics_accuracy"]) == {"model", "ceiling", "vae", "floor"}
     assert metrics["physics_accuracy"]["ceiling"]["overall"] == 1.0
     assert json.loads((model / METRICS_FILE).read_text())["acceptance"] == metrics["acceptance"]
     assert (model / "README.md").read_text().startswith("# microverse-demo-debug")
