@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from training.simulator import DIRECTIONS, PROCESSES, clip_seeds, parse_processes, render_clip, simulate_prompt
+from training.simulator import DIRECTIONS, LOOKS, PROCESSES, clip_seeds, parse_processes, render_clip, simulate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,8 @@ class PhysicsCase:
     """Frame width the parameters refer to."""
     frames: int = 17
     """Frames of the reference clip."""
+    looks: tuple[str, ...] = LOOKS
+    """Looks the reference clip's look was drawn from (part of its recipe, like the seed)."""
 
 
 @dataclass
@@ -388,14 +390,16 @@ def heldout_cases(
     size: int = 64,
     frames: int = 17,
     processes: Sequence[str] | None = None,
+    looks: Sequence[str] = LOOKS,
 ) -> list[PhysicsCase]:
-    """Held-out simulator prompts: ``n_per_process`` clips of each process with seeds from ``seed``."""
+    """Held-out simulator prompts: ``n_per_process`` clips of each process, in ``looks``, with seeds from ``seed``."""
     processes = list(processes or PROCESSES)
     cases = []
     for i, s in enumerate(clip_seeds(seed, n_per_process * len(processes))):
         proc = processes[i % len(processes)]
-        clip = render_clip(proc, s, size, frames)
-        cases.append(PhysicsCase(f"{proc}_{i // len(processes):04d}", proc, clip.prompt, s, clip.params, size, frames))
+        clip = render_clip(proc, s, size, frames, looks)
+        case_id = f"{proc}_{i // len(processes):04d}"
+        cases.append(PhysicsCase(case_id, proc, clip.prompt, s, clip.params, size, frames, tuple(looks)))
     return cases
 
 
@@ -405,7 +409,7 @@ def simulator_generate(cases: Sequence[PhysicsCase]) -> Generate:
 
     def generate(prompt: str, seed: int) -> np.ndarray:
         c = by_key[(prompt, seed)]
-        return render_clip(c.process, c.seed, c.size, c.frames).frames
+        return render_clip(c.process, c.seed, c.size, c.frames, c.looks).frames
 
     return generate
 

@@ -186,6 +186,17 @@ def _gauss_1d(centres: np.ndarray, sig: np.ndarray, n: int) -> np.ndarray:
     return np.exp(-0.5 * d * d)
 
 
+LOOKS = ("fluorescence", "brightfield")
+"""The rendering looks: dark background with glowing blobs, or light background with dark-edged cells."""
+
+
+def check_looks(looks: Sequence[str]) -> None:
+    """Raise ``KeyError`` naming unknown looks (or none given)."""
+    unknown = sorted(set(looks) - set(LOOKS))
+    if unknown or not looks:
+        raise KeyError(f"unknown looks {unknown or list(looks)}; choose from {list(LOOKS)}")
+
+
 #: Each look draws every blob as a weighted sum of Gaussians: (sigma scale, weight).
 _PROFILES = {
     "fluorescence": ((1.0, 0.7), (0.5, 0.3)),  # PSF-blurred body with a brighter core
@@ -492,12 +503,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 """Caption templates per process; fields come from the sampled parameters."""
 
 
-def render_clip(process: str, seed: int, size: int = 64, frames: int = 17) -> Clip:
-    """Render one clip of ``process``; the same ``(process, seed, size, frames)`` gives identical output."""
+def render_clip(
+    process: str, seed: int, size: int = 64, frames: int = 17, looks: Sequence[str] = LOOKS
+) -> Clip:
+    """Render one clip of ``process`` in one of ``looks`` (drawn from the seed); the same arguments give
+    identical output."""
     if process not in PROCESSES:
         raise KeyError(f"unknown process {process!r}; choose from {sorted(PROCESSES)}")
+    check_looks(looks)
     rng = np.random.default_rng(seed)
-    look = str(rng.choice(["fluorescence", "brightfield"]))
+    look = str(rng.choice(list(looks)))
     template = TEMPLATES[process][int(rng.integers(len(TEMPLATES[process])))]
     scene = PROCESSES[process](rng, size, frames)
     frames_u8 = _compose(scene, look, size, rng)
@@ -542,7 +557,7 @@ def parse_prompt(prompt: str) -> tuple[str, dict]:
     if process is None:
         raise ValueError(f"no simulator process recognised in {prompt!r}")
     found = {
-        "look": [look for look in ("fluorescence", "brightfield") if look in words],
+        "look": [look for look in LOOKS if look in words],
         "speed": [w for w in ("slow", "fast") if w in words],
         "direction": [d for d in DIRECTIONS if d in words],
         "source_side": [side for w, side in _SIDE_BY_WORD.items() if w in words],
@@ -596,9 +611,9 @@ def _jsonable(value):
     return value
 
 
-def _write_one(job: tuple[str, str, int, int, int, int, str]) -> tuple[dict, dict]:
-    clip_id, process, seed, size, frames, fps, out_dir = job
-    clip = render_clip(process, seed, size, frames)
+def _write_one(job: tuple[str, str, int, int, int, int, str, tuple[str, ...]]) -> tuple[dict, dict]:
+    clip_id, process, seed, size, frames, fps, out_dir, looks = job
+    clip = render_clip(process, seed, size, frames, looks)
     rel = f"videos/{clip_id}.mp4"
     encode_mp4(clip.frames, Path(out_dir) / rel, fps)
     entry = {
@@ -626,22 +641,26 @@ def write_dataset(
     seed: int = 0,
     processes: Sequence[str] | None = None,
     workers: int = 1,
+    looks: Sequence[str] = LOOKS,
 ) -> Path:
     """Write ``n_clips`` simulator clips to ``out_dir``; returns the path of ``metadata.json``.
 
     Layout: ``videos/<id>.mp4`` (H.264), ``metadata.json`` (MicroSim format: a JSON array of
     ``{"id", "video", "prompt"}`` plus ``process``, ``params``, ``level``, ``seed``, ``size``,
     ``frames``, ``fps``) and ``ground_truth.jsonl`` (one line per clip: ``id`` and per-frame truth).
-    Processes are assigned round-robin; the output depends only on the arguments, not on ``workers``.
+    Processes are assigned round-robin, each clip's look is drawn from ``looks``; the output depends only
+    on the arguments, not on ``workers``.
     """
     processes = list(processes or PROCESSES)
     unknown = sorted(set(processes) - set(PROCESSES))
     if unknown:
         raise KeyError(f"unknown processes {unknown}; choose from {sorted(PROCESSES)}")
+    check_looks(looks)
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [
-        (f"{processes[i % len(processes)]}_{i:06d}", processes[i % len(processes)], s, size, frames, fps, str(out))
+        (f"{processes[i % len(processes)]}_{i:06d}", processes[i % len(processes)], s, size, frames, fps, str(out),
+         tuple(looks))
         for i, s in enumerate(clip_seeds(seed, n_clips))
     ]
     with contextlib.ExitStack() as stack:
@@ -685,9 +704,17 @@ def parse_processes(value: str | None) -> list[str] | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; same seed, same dataset.")
 @click.option("--processes", default=None, help=f"Comma-separated subset of: {', '.join(PROCESSES)}.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
-def simulate_command(out_dir, n_clips, size, frames, fps, seed, processes, workers):
+@click.option(
+    "--looks", default=",".join(LOOKS), show_default=True, help="Comma-separated looks each clip's is drawn from."
+)
+def simulate_command(out_dir, n_clips, size, frames, fps, seed, processes, workers, looks):
     """Render a simulator dataset (mp4 clips + metadata.json + ground truth)."""
-    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, parse_processes(processes), workers)
+    names = [x.strip() for x in looks.split(",") if x.strip()]
+    try:
+        check_looks(names)
+    except KeyError as exc:
+        raise click.BadParameter(exc.args[0], param_hint="--looks") from exc
+    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, parse_processes(processes), workers, names)
     click.echo(f"wrote {n_clips} clips, metadata at {meta}")
 
 

@@ -188,6 +188,13 @@ def test_through_vae_reconstructs_the_generated_clip(tiny_model_dir):
     assert evaluate_physics(via_pipeline, cases, "random VAE").accuracy()["overall"] < 1.0
 
 
+def test_heldout_cases_in_one_look_keep_the_ceiling():
+    """A model trained on one look is evaluated on that look; the ceiling re-renders the same clips."""
+    cases = heldout_cases(2, looks=["brightfield"])
+    assert {c.params["look"] for c in cases} == {"brightfield"}
+    assert evaluate_physics(simulator_generate(cases), cases, "simulator").accuracy()["overall"] == 1.0
+
+
 def test_heldout_cases_are_deterministic_and_not_training_seeds():
     a, b = heldout_cases(2, processes=["mitosis"]), heldout_cases(2, processes=["mitosis"])
     assert a == b and a[0].seed not in range(10_000)

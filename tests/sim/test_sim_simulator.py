@@ -15,6 +15,7 @@ from training.simulator import (
     DIRECTION_WORDS,
     DIRECTIONS,
     LEVELS,
+    LOOKS,
     PROCESSES,
     SIDE_WORDS,
     bench_command,
@@ -148,6 +149,17 @@ def test_unknown_process():
         render_clip("osmosis", 0)
 
 
+def test_looks_restrict_the_drawn_look_and_leave_the_default_unchanged():
+    for seed in range(8):
+        default, both = render_clip("mitosis", seed), render_clip("mitosis", seed, looks=LOOKS)
+        assert np.array_equal(default.frames, both.frames) and default.prompt == both.prompt
+        assert render_clip("mitosis", seed, looks=["brightfield"]).params["look"] == "brightfield"
+    assert {render_clip("diffusion", s).params["look"] for s in range(8)} == set(LOOKS)
+    for bad in (["phase contrast"], []):
+        with pytest.raises(KeyError, match="looks"):
+            render_clip("mitosis", 0, looks=bad)
+
+
 def _read_dataset(root):
     entries = json.loads((root / "metadata.json").read_text())
     truths = [json.loads(line) for line in (root / "ground_truth.jsonl").read_text().splitlines()]
@@ -181,6 +193,11 @@ def test_simulate_command(tmp_path):
     assert [e["process"] for e in entries] == ["mitosis", "apoptosis", "mitosis"]
     bad = runner.invoke(simulate_command, ["--out", str(tmp_path / "x"), "--processes", "osmosis"])
     assert bad.exit_code != 0 and "osmosis" in bad.output
+    res = runner.invoke(simulate_command, ["--out", str(tmp_path / "f"), "-n", "4", "--looks", "fluorescence"])
+    assert res.exit_code == 0, res.output
+    assert {e["params"]["look"] for e in _read_dataset(tmp_path / "f")[0]} == {"fluorescence"}
+    bad = runner.invoke(simulate_command, ["--out", str(tmp_path / "y"), "--looks", "fluorescence,darkfield"])
+    assert bad.exit_code == 2 and "--looks" in bad.output and "darkfield" in bad.output
 
 
 def test_bench_command_reports_rates():
