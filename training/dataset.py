@@ -66,8 +66,22 @@ def _probe(path: Path) -> tuple[int, int, int]:
         return n, s.codec_context.height, s.codec_context.width
 
 
+def encoder_key(pretrained: str | Path) -> str:
+    """What the cached latents and prompt embeddings depend on in ``pretrained``: for a local folder its
+    resolved path and the size and mtime of every VAE and text-encoder file (a rebuilt or moved folder
+    is noticed); for a Hugging Face id, the id."""
+    root = Path(pretrained)
+    if not root.is_dir():
+        return str(pretrained)
+    files = sorted(f for sub in ("vae", "text_encoder", "tokenizer") for f in (root / sub).rglob("*") if f.is_file())
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps([str(root.resolve()), stats])
+
+
 def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int) -> list[Sample]:
-    """Samples of the dataset with buckets and cache paths (clips fitting no bucket are skipped)."""
+    """Samples of the dataset with buckets and cache paths (clips fitting no bucket are skipped).
+
+    ``model_key`` (see :func:`encoder_key`) is part of each cache file's name."""
     dataset = Path(dataset)
     samples = []
     for row in read_metadata(dataset):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from training.config import ModelConfig, TrainConfig, config_to_dict, save_config
 from training.convert import diffusers_to_original_keys, lora_diffusers_to_upstream, save_diffusers_lora
-from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples
+from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples, encoder_key
 from training.objective import FlowMatchObjective
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.vae = None
 
+        self.encoder_key = encoder_key(cfg.model.pretrained)
         self.samples = build_samples(
-            cfg.data.dataset, cfg.data.buckets, self.cache_dir, cfg.model.pretrained, cfg.model.text_max_length
+            cfg.data.dataset, cfg.data.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length
         )
         if not self.samples:
             raise ValueError(f"no usable clips in {cfg.data.dataset}")
@@ -146,7 +147,7 @@ class Trainer:
         keys = {p: f"p{i}" for i, p in enumerate(prompts)}
         meta_file = self.cache_dir / "prompts.json"
         missing = [s for s in self.samples if not s.cache_file.exists()]
-        ready = not missing and meta_file.exists() and json.loads(meta_file.read_text()) == [prompts, cfg.model.pretrained]
+        ready = not missing and meta_file.exists() and json.loads(meta_file.read_text()) == [prompts, self.encoder_key]
         self.accelerator.wait_for_everyone()  # every rank decides before any rank writes
         if ready:
             return {p: cached[keys[p]] for p in prompts}
@@ -156,7 +157,7 @@ class Trainer:
         embeds = build_cache(self.accelerator, pipe, missing, self.cache_dir, cfg.model.text_max_length, cfg.validation_prompts)
         if self.accelerator.is_main_process:
             save_file({keys[p]: e.contiguous() for p, e in embeds.items()}, str(prompts_file))
-            meta_file.write_text(json.dumps([prompts, cfg.model.pretrained]))
+            meta_file.write_text(json.dumps([prompts, self.encoder_key]))
         self.accelerator.wait_for_everyone()
         if cfg.validation_prompts:
             self.vae = pipe.vae.to("cpu")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from training_test_media import debug_config
 
 from training.config import load_config
+from training.dataset import encoder_key
 from training.trainer import latest_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,3 +186,17 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path, tiny_model, tiny_dat
     assert np.isfinite(_losses(tmp_path / "bf16")).all()
     state = load_file(str(tmp_path / "bf16" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_encoder_key_follows_the_folder_not_how_it_is_named(tmp_path, monkeypatch):
+    """Cached latents survive a relative/absolute path change and are rebuilt when the VAE is."""
+    for sub in ("vae", "text_encoder"):
+        (tmp_path / "m" / sub).mkdir(parents=True)
+        (tmp_path / "m" / sub / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    key = encoder_key("m")
+    assert encoder_key(tmp_path / "m") == key
+    weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"new weights")
+    assert encoder_key("m") != key
+    assert encoder_key("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
