@@ -35,6 +35,8 @@ class Sample:
     """``(frames, height, width)`` it trains at."""
     cache_file: Path
     """Cached latents and prompt embedding."""
+    repeat: int = 1
+    """Times per epoch this clip is drawn (before ``DataConfig.repeat``)."""
 
 
 def read_metadata(dataset: str | Path) -> list[dict]:
@@ -78,8 +80,21 @@ def encoder_key(pretrained: str | Path) -> str:
     return json.dumps([str(root.resolve()), stats])
 
 
-def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int) -> list[Sample]:
-    """Samples of the dataset with buckets and cache paths (clips fitting no bucket are skipped).
+def clip_repeat(row: dict, repeat_by: dict[str, dict[str, int]]) -> int:
+    """Times per epoch a metadata row is drawn under ``repeat_by`` (see ``DataConfig.repeat_by``)."""
+    n = 1
+    for key, counts in repeat_by.items():
+        value = row.get(key)
+        if value is not None and str(value) in counts:
+            n *= int(counts[str(value)])
+    return n
+
+
+def build_samples(
+    dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int, repeat_by=None
+) -> list[Sample]:
+    """Samples of the dataset with buckets, cache paths and per-clip repeats (clips fitting no bucket are
+    skipped).
 
     ``model_key`` (see :func:`encoder_key`) is part of each cache file's name."""
     dataset = Path(dataset)
@@ -93,7 +108,8 @@ def build_samples(dataset: str | Path, buckets, cache_dir: Path, model_key: str,
             continue
         key = json.dumps([str(video), video.stat().st_mtime_ns, row["prompt"], bucket, model_key, text_max_length])
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        samples.append(Sample(str(row.get("id") or row["video"]), video, row["prompt"], bucket, cache_dir / f"{digest}.safetensors"))
+        samples.append(Sample(str(row.get("id") or row["video"]), video, row["prompt"], bucket,
+                              cache_dir / f"{digest}.safetensors", clip_repeat(row, repeat_by or {})))
     return samples
 
 
@@ -119,27 +135,43 @@ def encode_prompts(pipe, prompts: list[str], max_length: int, device) -> list[to
 
 @torch.no_grad()
 def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
-    """Normalised Wan VAE latent mean ``(mu - latents_mean) / latents_std`` of one ``[3, F, H, W]`` clip."""
-    mu = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()[0].float()
+    """Normalised Wan VAE latent mean ``(mu - latents_mean) / latents_std`` of one ``[3, F, H, W]`` clip, or
+    of a ``[B, 3, F, H, W]`` batch of same-size clips (one encode: about twice as fast per clip on CPU)."""
+    batched = video.dim() == 5
+    mu = vae.encode((video if batched else video[None]).to(vae.device, vae.dtype)).latent_dist.mode().float()
     mean = torch.tensor(vae.config.latents_mean, device=mu.device).view(-1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=mu.device).view(-1, 1, 1, 1)
-    return ((mu - mean) / std).cpu()
+    latents = ((mu - mean) / std).cpu()
+    return latents if batched else latents[0]
 
 
-def build_cache(accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=()) -> dict[str, torch.Tensor]:
-    """Encode the ``missing`` samples (the same list on every rank, sharded over processes) and
-    the empty and extra prompts. Returns the prompt embeddings keyed by prompt."""
+def build_cache(
+    accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=(), batch_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """Encode the ``missing`` samples (the same list on every rank, sharded over processes, ``batch_size``
+    same-bucket clips per VAE encode) and the empty and extra prompts. Returns the prompt embeddings keyed
+    by prompt."""
+    if batch_size < 1:
+        raise ValueError(f"data.cache_batch_size must be at least 1, got {batch_size}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = missing[accelerator.process_index :: accelerator.num_processes]
     device = accelerator.device
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
-    for sample in tqdm(todo, desc="caching latents", disable=not todo or not accelerator.is_local_main_process):
-        latents = encode_latents(pipe.vae, load_clip(sample))
-        emb = encode_prompts(pipe, [sample.prompt], text_max_length, device)[0]
-        tmp = sample.cache_file.with_suffix(f".tmp{accelerator.process_index}")
-        save_file({"latents": latents.contiguous(), "prompt_embeds": emb.contiguous()}, str(tmp))
-        tmp.replace(sample.cache_file)
+    by_bucket: dict = {}
+    for sample in todo:
+        by_bucket.setdefault(sample.bucket, []).append(sample)
+    groups = [g[i : i + batch_size] for g in by_bucket.values() for i in range(0, len(g), batch_size)]
+    progress = tqdm(total=len(todo), desc="caching latents", disable=not todo or not accelerator.is_local_main_process)
+    for group in groups:
+        latents = encode_latents(pipe.vae, torch.stack([load_clip(s) for s in group]))
+        for sample, lat in zip(group, latents):
+            emb = encode_prompts(pipe, [sample.prompt], text_max_length, device)[0]
+            tmp = sample.cache_file.with_suffix(f".tmp{accelerator.process_index}")
+            save_file({"latents": lat.contiguous(), "prompt_embeds": emb.contiguous()}, str(tmp))
+            tmp.replace(sample.cache_file)
+        progress.update(len(group))
+    progress.close()
     prompts = ["", *extra_prompts]
     embeds = dict(zip(prompts, encode_prompts(pipe, prompts, text_max_length, device)))
     accelerator.wait_for_everyone()
@@ -177,13 +209,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, samples, batch_size, seed, rank, world_size, repeat=1, caption_dropout=0.0):
         self.buckets = [s.bucket for s in samples]
+        self.repeats = [s.repeat for s in samples]
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.repeat, self.caption_dropout = repeat, caption_dropout
         self.epoch, self.position = 0, 0
 
     def batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
         rng = random.Random(f"{self.seed}-{epoch}")
-        order = [i for _ in range(self.repeat) for i in range(len(self.buckets))]
+        order = [i for _ in range(self.repeat) for i, n in enumerate(self.repeats) for _ in range(n)]
         rng.shuffle(order)
         by_bucket: dict = {}
         for i in order:

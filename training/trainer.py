@@ -93,7 +93,8 @@ class Trainer:
 
         self.encoder_key = encoder_key(cfg.model.pretrained)
         self.samples = build_samples(
-            cfg.data.dataset, cfg.data.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length
+            cfg.data.dataset, cfg.data.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length,
+            cfg.data.repeat_by,
         )
         if not self.samples:
             raise ValueError(f"no usable clips in {cfg.data.dataset}")
@@ -154,7 +155,8 @@ class Trainer:
         pipe = WanPipeline.from_pretrained(
             cfg.model.pretrained, transformer=None, dtype={"text_encoder": _dtype(cfg.model.base_dtype), "default": torch.float32}
         )
-        embeds = build_cache(self.accelerator, pipe, missing, self.cache_dir, cfg.model.text_max_length, cfg.validation_prompts)
+        embeds = build_cache(self.accelerator, pipe, missing, self.cache_dir, cfg.model.text_max_length,
+                             cfg.validation_prompts, batch_size=cfg.data.cache_batch_size)
         if self.accelerator.is_main_process:
             save_file({keys[p]: e.contiguous() for p, e in embeds.items()}, str(prompts_file))
             meta_file.write_text(json.dumps([prompts, self.encoder_key]))

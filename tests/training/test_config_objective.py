@@ -69,3 +69,26 @@ def test_buckets_and_sampler_shard_and_resume(tmp_path):
     assert list(ranks[0]) == epoch[0][1:]
     ranks[0].set_position(1, 0)
     assert list(ranks[0]) != epoch[0]  # a new shuffle each epoch
+
+
+def test_repeat_by_oversamples_clips_by_metadata_value(tmp_path):
+    import json
+
+    from training.dataset import build_samples, clip_repeat
+
+    assert clip_repeat({"process": "blood_flow", "look": "x"}, {"process": {"blood_flow": 3}, "look": {"x": 2}}) == 6
+    assert clip_repeat({"process": "mitosis"}, {"process": {"blood_flow": 3}}) == 1
+    rows = [{"id": f"c{i}", "video": f"v{i}.mp4", "prompt": "p", "process": "blood_flow" if i < 2 else "diffusion",
+             "frames": 9, "height": 32, "width": 32} for i in range(8)]  # fmt: skip
+    for r in rows:
+        (tmp_path / r["video"]).write_bytes(b"")
+    (tmp_path / "metadata.json").write_text(json.dumps(rows))
+    samples = build_samples(tmp_path, ((9, 32, 32),), tmp_path / "cache", "key", 8, {"process": {"blood_flow": 3}})
+    assert [s.repeat for s in samples] == [3, 3, 1, 1, 1, 1, 1, 1]
+    sampler = BucketBatchSampler(samples, 2, seed=0, rank=0, world_size=1, repeat=2)
+    drawn = [i for b in sampler for i, _ in b]
+    assert len(drawn) == 2 * (3 + 3 + 6)
+    assert drawn.count(0) == drawn.count(1) == 6 and all(drawn.count(i) == 2 for i in range(2, 8))
+    # without repeat_by the epoch is the plain repeated dataset, as before
+    plain = build_samples(tmp_path, ((9, 32, 32),), tmp_path / "cache", "key", 8)
+    assert sorted(i for b in BucketBatchSampler(plain, 2, 0, 0, 1) for i, _ in b) == list(range(8))

@@ -200,3 +200,19 @@ def test_encoder_key_follows_the_folder_not_how_it_is_named(tmp_path, monkeypatc
     weights.write_bytes(b"new weights")
     assert encoder_key("m") != key
     assert encoder_key("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def test_batched_latent_cache_matches_one_by_one(tmp_path, tiny_model, tiny_dataset):
+    """``data.cache_batch_size`` encodes several clips per VAE call; the cached latents are the same."""
+    from training.trainer import Trainer
+
+    caches = {}
+    for batch in (1, 3):
+        cfg = debug_config(tmp_path / f"b{batch}", tiny_model, tiny_dataset, max_steps=1, validation_prompts=(),
+                           data__cache_batch_size=batch)  # fmt: skip
+        trainer = Trainer(cfg)
+        caches[batch] = {s.id: load_file(str(s.cache_file)) for s in trainer.samples}
+    assert len(caches[1]) == len(caches[3]) == 4
+    for clip, one in caches[1].items():
+        torch.testing.assert_close(caches[3][clip]["latents"], one["latents"], atol=1e-5, rtol=1e-4)
+        assert torch.equal(caches[3][clip]["prompt_embeds"], one["prompt_embeds"])
