@@ -100,9 +100,13 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     schedule: str = "constant"
-    """diffusers scheduler name: ``constant``, ``cosine``, ``linear``, ... (with warmup)."""
+    """diffusers scheduler name: ``constant``, ``cosine``, ``linear``, ... (with warmup), or
+    ``warmup_stable_decay``: linear warmup, constant, then linear decay to 0 over the last ``decay_steps``."""
     warmup_steps: int = 0
     """Linear warmup steps."""
+    decay_steps: int = 0
+    """``warmup_stable_decay`` only: final steps of linear decay. Until they start the schedule equals
+    ``constant_with_warmup``, so a constant-rate run can be finished by a decay from its checkpoint."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
 

@@ -73,8 +73,9 @@ class DemoConfig:
     """Model name (folder name and the name the service reports)."""
     clips: int = 1200
     """Simulator clips in the training set (the six processes round-robin)."""
-    size: int = 64
-    """Frame size (square)."""
+    size: int = 48
+    """Frame size (square). 48 rather than 64: the DiT's tokens drop to 0.56x, so a step costs 0.55x and
+    the budget buys the steps the flow direction needs."""
     frames: int = 17
     """Frames per clip."""
     fps: int = 8
@@ -103,12 +104,18 @@ class DemoConfig:
     )
     """Times per epoch the DiT sees each clip of these processes (others once): the processes of the
     acceptance prompts, blood flow most since its direction comes from the text alone."""
-    train_steps: int = 2800
+    train_steps: int = 5200
     """DiT optimizer steps."""
     batch_size: int = 4
     """Clips per DiT step (4 rather than 8: twice the optimizer steps for the same CPU time)."""
     lr: float = 1e-3
-    """Peak DiT learning rate (cosine with warmup)."""
+    """DiT learning rate (after warmup)."""
+    lr_schedule: str = "warmup_stable_decay"
+    """DiT learning-rate schedule (``OptimConfig.schedule``): warmup, constant, then a linear decay. At equal
+    compute, a run still near its peak rate bound the flow direction to the text better (7/10 seeds) than
+    one annealed by a cosine (4/10); the short final decay sharpens the layout (the mitosis check)."""
+    decay_steps: int = 800
+    """Final DiT steps of linear learning-rate decay."""
     logit_mean: float = 0.5
     """Mean of the logit-normal timestep sampling (above 0: more training at high noise, where the
     layout, such as the number of cells, is decided)."""
@@ -142,7 +149,7 @@ def demo_debug_config() -> DemoConfig:
         vae=replace(DemoConfig().vae, steps=3, batch_size=2, crop_size=16),
         model=DemoModelConfig(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=8, ffn_dim=32,
                               freq_dim=16),
-        train_steps=4, batch_size=2, warmup_steps=1, steps=2, eval_seeds=1, eval_per_process=1, bench_repeats=1,
+        train_steps=4, batch_size=2, warmup_steps=1, decay_steps=2, steps=2, eval_seeds=1, eval_per_process=1, bench_repeats=1,
     )  # fmt: skip
 
 
@@ -239,7 +246,8 @@ def train_config(cfg: DemoConfig, data: Path, init: Path, out: Path):
                         cache_batch_size=8),
         objective=ObjectiveConfig(flow_shift=cfg.model.flow_shift, timestep_sampling="logit_normal",
                                   logit_mean=cfg.logit_mean, loss_weighting="none"),
-        optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, schedule="cosine", warmup_steps=cfg.warmup_steps),
+        optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                          decay_steps=cfg.decay_steps),
         seed=cfg.seed, max_steps=cfg.train_steps, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
         checkpoint_every=max(cfg.train_steps // 8, 1), keep_checkpoints=1, resume="auto",
     )  # fmt: skip
@@ -391,7 +399,7 @@ Stages and wall time on this machine ({metrics['machine']}):
 |---|---|---|
 | data | render and encode {cfg.clips} clips | {t['data']:.0f} |
 | vae | {vae['parameters'] / 1e6:.2f} M-parameter VAE, {cfg.vae.steps} steps on {cfg.frames}x{cfg.vae.crop_size}x{cfg.vae.crop_size} crops; PSNR {vae['psnr_start']:.1f} -> {vae['psnr_end']:.1f} dB | {t['vae']:.0f} |
-| dit | {metrics['dit_parameters'] / 1e6:.2f} M-parameter DiT, {tr['steps']} steps of {cfg.batch_size} clips (flow matching with logit-normal timesteps of mean {cfg.logit_mean}, full, EMA {cfg.ema_decay}), latent caching included; loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f} | {t['dit']:.0f} |
+| dit | {metrics['dit_parameters'] / 1e6:.2f} M-parameter DiT, {tr['steps']} steps of {cfg.batch_size} clips (flow matching with logit-normal timesteps of mean {cfg.logit_mean}, full, AdamW at {cfg.lr:g} ({cfg.lr_schedule.replace('_', ' ')}{f', last {cfg.decay_steps} steps' if cfg.decay_steps else ''}), EMA {cfg.ema_decay}), latent caching included; loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f} | {t['dit']:.0f} |
 | **training** | data + vae + dit (the 45-minute budget) | **{t['data'] + t['vae'] + t['dit']:.0f}** |
 | eval | acceptance checks, physics evaluation, generation benchmark | {t['eval']:.0f} |
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.config import ModelConfig, TrainConfig, config_to_dict, save_config
+from training.config import ModelConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from training.convert import diffusers_to_original_keys, lora_diffusers_to_upstream, save_diffusers_lora
 from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples, encoder_key
 from training.objective import FlowMatchObjective
@@ -44,6 +44,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """Newest complete ``checkpoints/step-N`` folder (partial saves end in ``.tmp``)."""
     ckpts = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"))
     return ckpts[-1] if ckpts else None
+
+
+def build_lr_scheduler(optim: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+    """The learning-rate schedule: a diffusers one by name, or ``warmup_stable_decay`` (see :class:`OptimConfig`)."""
+    if optim.schedule != "warmup_stable_decay":
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=max_steps)
+    warmup, decay = optim.warmup_steps, optim.decay_steps
+    if not 0 < decay <= max_steps - warmup:
+        raise ValueError(f"optim.decay_steps must be in 1..max_steps - warmup_steps ({max_steps - warmup}), got {decay}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        return min(1.0, (max_steps - step) / decay)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def prepare_transformer(transformer, cfg: ModelConfig):
@@ -104,15 +122,11 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         logger.info("%s fine-tune: %d trainable parameters", cfg.model.mode, sum(p.numel() for p in self.params))
 
-        from diffusers.optimization import get_scheduler
-
         self.optimizer = acc.prepare(
             torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         )
         # Not passed to prepare(): accelerate would step it once per process.
-        self.lr_scheduler = get_scheduler(
-            cfg.optim.schedule, self.optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.max_steps
-        )
+        self.lr_scheduler = build_lr_scheduler(cfg.optim, self.optimizer, cfg.max_steps)
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = None
         if cfg.ema_decay is not None:

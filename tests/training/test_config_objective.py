@@ -92,3 +92,32 @@ def test_repeat_by_oversamples_clips_by_metadata_value(tmp_path):
     # without repeat_by the epoch is the plain repeated dataset, as before
     plain = build_samples(tmp_path, ((9, 32, 32),), tmp_path / "cache", "key", 8)
     assert sorted(i for b in BucketBatchSampler(plain, 2, 0, 0, 1) for i, _ in b) == list(range(8))
+
+
+def test_warmup_stable_decay_schedule():
+    """Warmup, then constant (exactly diffusers' constant_with_warmup, so a constant run can be finished by a
+    decay from its checkpoint), then linear decay to 0 over the last ``decay_steps``."""
+    from diffusers.optimization import get_scheduler
+
+    from training.config import OptimConfig
+    from training.trainer import build_lr_scheduler
+
+    def lrs(scheduler, n):
+        out = []
+        for _ in range(n):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    wsd = lrs(build_lr_scheduler(OptimConfig(lr=0.1, schedule="warmup_stable_decay", warmup_steps=4, decay_steps=5), opt(), 20), 20)
+    const = lrs(get_scheduler("constant_with_warmup", opt(), num_warmup_steps=4), 20)
+    assert wsd[:16] == const[:16] and wsd[2] == pytest.approx(0.05) and wsd[15] == pytest.approx(0.1)
+    assert wsd[15:] == pytest.approx([0.1, 0.08, 0.06, 0.04, 0.02])
+    with pytest.raises(ValueError, match="decay_steps"):
+        build_lr_scheduler(OptimConfig(schedule="warmup_stable_decay", warmup_steps=4, decay_steps=17), opt(), 20)
+    with pytest.raises(ValueError, match="decay_steps"):
+        build_lr_scheduler(OptimConfig(schedule="warmup_stable_decay"), opt(), 20)
