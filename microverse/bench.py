@@ -257,7 +257,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     plain.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(model=source, device=device, compile=cfg.compile, attention_backend=cfg.attention_backend,
-                            storage_dir=Path(tmp), embedded_dir=Path(tmp), **cfg.overrides)
+                            storage_dir=Path(tmp), **cfg.overrides)
         engine = DiffusersEngine.from_settings(settings)
     max_len = engine.model.defaults.max_sequence_length
     tokens = video_tokens(plain, height, width, frames)

@@ -101,8 +101,6 @@ class Settings(BaseSettings):
     """Browser origins allowed to call the API (comma-separated); empty: CORS off."""
     api_key: SecretStr | None = None
     """If set, every route but health needs ``Authorization: Bearer <key>``."""
-    embedded_dir: Path = Field(default_factory=lambda: default_cache_dir() / "models")
-    """Cache folder the embedded default model is saved into on first use."""
 
     @field_validator("lora", "cors_origins", mode="before")
     @classmethod

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +19,13 @@ from .config import Settings
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "microverse-tiny-random-v2"
-"""Folder name (and reported model name) of the embedded default model."""
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "microverse-demo"
+"""The embedded default model: the demo pipeline shipped in the package (``training.demo``)."""
 EMBEDDED_DESCRIPTION = (
-    "Embedded default: a tiny Wan2.1-architecture pipeline with seeded RANDOM weights, built in code "
-    "(no download). It exercises the whole stack; its videos are noise-like patterns, not science. "
-    "Point MICROVERSE_MODEL at a real checkpoint (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for real videos."
+    "Embedded default: microverse-demo, a small Wan2.1-architecture model trained from scratch on CPU on "
+    "procedural simulator clips (diffusion, mitosis, blood flow, chemotaxis, vesicle transport, apoptosis); "
+    "48x48x17 microscopy-like clips, model card in its README.md. A demo, not a scientific model: point "
+    "MICROVERSE_MODEL at a real checkpoint (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) for real videos."
 )
 DEFAULTS_FILE = "microverse_defaults.json"
 """Optional file in a checkpoint folder overriding :class:`ModelDefaults`."""
@@ -78,23 +77,14 @@ class LoadedModel:
     """Full fine-tuned DiT applied, if any."""
 
 
-def embedded_model_path(settings: Settings) -> Path:
-    """Path of the embedded default model, building and saving it on first use (atomic)."""
-    from .tiny import save_tiny_pipeline
-
-    target = Path(settings.embedded_dir) / EMBEDDED_NAME
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    save_tiny_pipeline(tmp)
-    (tmp / "README.md").write_text(f"# {EMBEDDED_NAME}\n\n{EMBEDDED_DESCRIPTION}\n")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("embedded default model saved to %s", target)
-    return target
+def embedded_model_path() -> Path:
+    """Path of the embedded default model (shipped inside the package)."""
+    if not (EMBEDDED_DIR / "model_index.json").exists():
+        raise CheckpointError(
+            f"the embedded demo model is missing from {EMBEDDED_DIR}; reinstall MicroVerse, rebuild it with "
+            "`make demo-model`, or set MICROVERSE_MODEL"
+        )
+    return EMBEDDED_DIR
 
 
 def read_defaults(source: str) -> ModelDefaults:
@@ -258,7 +248,7 @@ def load_pipeline(
         if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
             raise CheckpointError(f"MICROVERSE_MODEL={source!r}: no such folder and not a Hugging Face id")
     else:
-        source, description = str(embedded_model_path(settings)), EMBEDDED_DESCRIPTION
+        source, description = str(embedded_model_path()), EMBEDDED_DESCRIPTION
     try:
         # The Wan VAE stays in float32 (numerically sensitive); the rest takes ``torch_dtype``.
         pipe = WanPipeline.from_pretrained(

@@ -1,7 +1,6 @@
 """Tiny Wan2.1-architecture pipelines built in code, with seeded random weights.
 
-They are the embedded default model (until a trained demo model ships) and the fixtures of the
-test suite: every component is a real diffusers / transformers class, saved with
+They are the fixtures of the test suite: every component is a real diffusers / transformers class, saved with
 ``save_pretrained`` and loaded back through the same path as a real checkpoint. The tokenizer and
 text-encoder builders are shared with the demo-model recipe (``training.demo``).
 """

@@ -2,8 +2,7 @@
 
 from microverse.config import Settings
 
-DEFAULTS = {"lora": "(none)", "storage_dir": "`$MICROVERSE_CACHE_DIR/storage`",
-            "embedded_dir": "`$MICROVERSE_CACHE_DIR/models`"}
+DEFAULTS = {"lora": "(none)", "storage_dir": "`$MICROVERSE_CACHE_DIR/storage`"}
 
 print("| Variable | Default | What it does |")
 print("|---|---|---|")

@@ -37,8 +37,7 @@ def make_settings(tmp_path, tiny_model_dir):
     from microverse.config import Settings
 
     def make(**overrides):
-        base = dict(model=str(tiny_model_dir), storage_dir=tmp_path / "storage", embedded_dir=tmp_path / "models",
-                    max_batch_wait_ms=0)
+        base = dict(model=str(tiny_model_dir), storage_dir=tmp_path / "storage", max_batch_wait_ms=0)
         base.update(overrides)
         return Settings(**base)
 
@@ -110,12 +109,14 @@ class Server:
 
 
 @pytest.fixture
-def start_server(tmp_path):
-    """Factory: start a real service with extra ``MICROVERSE_*`` env; all are stopped at the end."""
+def start_server(tmp_path, tiny_model_dir):
+    """Factory: start a real service (on the tiny checkpoint unless ``MICROVERSE_MODEL`` is given) with
+    extra ``MICROVERSE_*`` env; all are stopped at the end."""
     servers = []
 
     def start(**env) -> Server:
-        base = {"MICROVERSE_CACHE_DIR": str(tmp_path / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp_path / "storage")}
+        base = {"MICROVERSE_CACHE_DIR": str(tmp_path / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp_path / "storage"),
+                "MICROVERSE_MODEL": str(tiny_model_dir)}
         base.update({k: str(v) for k, v in env.items()})
         server = Server(base, tmp_path / f"server{len(servers)}.log")
         servers.append(server)
@@ -127,10 +128,12 @@ def start_server(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def microverse_server(tmp_path_factory):
-    """One real service with the embedded default model for the whole session; yields its base URL."""
+def microverse_server(tmp_path_factory, tiny_model_dir):
+    """One real service on the tiny checkpoint for the whole session; yields its base URL.
+    (The embedded default itself is served in ``test_demo_model.py``.)"""
     tmp = tmp_path_factory.mktemp("server")
     server = Server({"MICROVERSE_CACHE_DIR": str(tmp / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp / "storage"),
+                     "MICROVERSE_MODEL": str(tiny_model_dir),
                      "MICROVERSE_MAX_BATCH_WAIT_MS": "300"}, tmp / "server.log")
     server.start()
     yield server.url

@@ -33,6 +33,7 @@ def test_bentoml_build(bentofile, variant, tmp_path):
         bento_yaml = tar.extractfile(next(n for n in names if n.endswith("bento.yaml"))).read().decode()
     assert any(n.endswith("src/service.py") for n in names)
     assert any(n.endswith("src/microverse/engine.py") for n in names)
+    assert any(n.endswith("src/microverse/assets/microverse-demo/transformer/config.json") for n in names)
     assert not any("/tests/" in n for n in names)
     assert "diffusers==0.42.1" in reqs
     assert f"variant: {variant}" in bento_yaml

@@ -67,7 +67,7 @@ def run_two_rank_engine(model_dir: str, out: str) -> None:
     from microverse.parallel import launch
     from tests.test_presets import spec
 
-    engine = launch(Settings(model=model_dir, device="cpu", storage_dir=out + ".s", embedded_dir=out + ".s"), 2)
+    engine = launch(Settings(model=model_dir, device="cpu", storage_dir=out + ".s"), 2)
     try:
         steps = []
         with pytest.raises(GenerationCancelled):
@@ -93,7 +93,7 @@ def test_two_rank_engine_equals_single_engine(tiny_model_dir, tmp_path):
     assert got["cancelled_after"] == 2 and got["layout"].ulysses_degree == 2
     assert got["cache_threshold"] == 0  # the step cache would let ranks diverge; fast runs without it
     single = DiffusersEngine.from_settings(Settings(model=str(tiny_model_dir), device="cpu", storage_dir=tmp_path,
-                                                    embedded_dir=tmp_path, fast_cache_threshold=0))
+                                                    fast_cache_threshold=0))
     ref = single.generate([spec(seed=7), spec(prompt="bacteria swimming", seed=8)]).latents
     assert float((got["latents"] - ref).norm() / ref.norm()) < 1e-5
     ref_fast = single.generate([spec(seed=9, preset="fast")]).latents

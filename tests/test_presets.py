@@ -23,7 +23,7 @@ def spec(prompt="a cell divides", seed=0, **kw):
 
 
 def make_engine(model_dir, tmp, **kw) -> DiffusersEngine:
-    return DiffusersEngine.from_settings(Settings(model=str(model_dir), storage_dir=tmp, embedded_dir=tmp, **kw))
+    return DiffusersEngine.from_settings(Settings(model=str(model_dir), storage_dir=tmp, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,9 @@ def test_compare_metrics_names_what_is_out_of_tolerance():
     assert compare_metrics(same, ref) == []
     worse = json.loads(json.dumps(ref))
     worse["acceptance"]["mitosis_one_then_two"] = {"passed": 6, "n": 10, "ok": False}
-    worse["physics_accuracy"]["model"]["mitosis"] = 0.5
+    worse["physics_accuracy"]["model"]["mitosis"] = 0.2  # a 10-case row: reported, not compared
+    assert compare_metrics(worse, ref) == ["mitosis_one_then_two: 6/10 vs reference 9/10"]
+    worse["physics_accuracy"]["model"]["overall"] = 0.6
     worse["training"]["loss_last"] = np.float64(0.25)
     problems = compare_metrics(worse, ref)
-    assert len(problems) == 3 and problems[0].startswith("mitosis_one_then_two: 6/10")
+    assert len(problems) == 3 and problems[1] == "overall physics accuracy: 0.60 vs reference 0.80"
