@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +80,8 @@ def embedded_model_path() -> Path:
     """Path of the embedded default model (shipped inside the package)."""
     if not (EMBEDDED_DIR / "model_index.json").exists():
         raise CheckpointError(
-            f"the embedded demo model is missing from {EMBEDDED_DIR}; reinstall MicroVerse, rebuild it with "
-            "`make demo-model`, or set MICROVERSE_MODEL"
+            f"the embedded demo model is missing from {EMBEDDED_DIR}: reinstall MicroVerse, or set MICROVERSE_MODEL "
+            "to a checkpoint (e.g. the model/ folder that `make demo-model` writes under outputs/demo)"
         )
     return EMBEDDED_DIR
 

@@ -138,7 +138,7 @@ class DemoConfig:
 
 
 def demo_config() -> DemoConfig:
-    """The full recipe (about 42 minutes of training on a 2-core CPU, plus about 5 of evaluation)."""
+    """The full recipe (42 to 45 minutes of training on a 2-core CPU, plus about 5 of evaluation)."""
     return DemoConfig()
 
 
