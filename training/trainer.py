@@ -47,21 +47,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def build_lr_scheduler(optim: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
-    """The learning-rate schedule: a diffusers one by name, or ``warmup_stable_decay`` (see :class:`OptimConfig`)."""
+    """The learning-rate schedule: a diffusers one by name, or ``warmup_stable_decay`` (transformers' WSD schedule
+    with a linear decay; see :class:`OptimConfig`)."""
     if optim.schedule != "warmup_stable_decay":
         from diffusers.optimization import get_scheduler
 
         return get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=max_steps)
+    from transformers import get_wsd_schedule
+
     warmup, decay = optim.warmup_steps, optim.decay_steps
     if not 0 < decay <= max_steps - warmup:
         raise ValueError(f"optim.decay_steps must be in 1..max_steps - warmup_steps ({max_steps - warmup}), got {decay}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        return min(1.0, (max_steps - step) / decay)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=max_steps,
+                            decay_type="linear")
 
 
 def prepare_transformer(transformer, cfg: ModelConfig):
