@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench-overhead: $(STAMP)
-	$(PY) -m microverse.bench_overhead
+	$(PY) -m microverse.tools.overhead_bench
 
 demo-model: $(STAMP)  # train the demo model from scratch on simulator clips (about 45 min, 2 CPU cores)
 	$(VENV)/bin/microverse train demo --out outputs/demo

@@ -27,7 +27,7 @@ settings = Settings()
                    "access_control_allow_headers": ["Authorization", "Content-Type"]}},
 )
 class MicroVerse:
-    """Text-to-video for micro-world simulation: ``/generate``, ``/v1/videos``, ``/info``, ``/metrics``."""
+    """Text-to-video for micro-world simulation: ``/generate``, ``/v1/videos``, ``/judge``, ``/info``, ``/metrics``."""
 
     def __init__(self) -> None:
         self.runtime = Runtime.start(Settings())

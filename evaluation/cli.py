@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
-from .benchmark import LEVELS, load_benchmark, select_tasks
 from .judge import JudgeConfig, JudgeConfigError, VLMJudge
-from .physics import physics_command
+from .microworldbench import LEVELS, load_benchmark, select_tasks
+from .physics.cli import physics_command
 from .report import build_report, compare_markdown, load_report, plot_reports, render_markdown, write_report
 from .runner import EvalResult, GenerationConfig, export_upstream, rescore_upstream, run_eval
 

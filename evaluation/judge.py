@@ -26,13 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import openai
 from PIL import Image
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .benchmark import DIMENSION_TITLES, Criterion
+from media.video import DecodeError
+from media.video import frame_positions as sample_positions
+from media.video import sample_frames as sample_video_frames
+
+from .microworldbench import DIMENSION_TITLES, Criterion
 
 logger = logging.getLogger(__name__)
 
@@ -97,29 +100,19 @@ class VideoError(ValueError):
 
 def frame_positions(total: int, count: int = 8) -> list[int]:
     """Published sampling positions ``floor((i + 0.5) * total / count)``."""
-    if total <= 0:
-        raise VideoError("video has no frames")
-    return [int((i + 0.5) * total / count) for i in range(count)]
+    try:
+        return sample_positions(total, count, "centres")
+    except DecodeError as exc:
+        raise VideoError(str(exc)) from exc
 
 
 def sample_frames(video: bytes | str | Path, count: int = 8) -> list[Image.Image]:
     """Decode ``count`` frames at the published positions from an mp4 path or bytes."""
-    source = io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else str(video)
     try:
-        with av.open(source) as container:
-            if not container.streams.video:
-                raise VideoError("file has no video stream")
-            declared = container.streams.video[0].frames
-            if declared > 0:  # keep only the sampled frames; fall back if the count was wrong
-                wanted = frame_positions(declared, count)
-                kept = {i: f.to_image() for i, f in enumerate(container.decode(video=0)) if i in wanted}
-                if len(kept) == len(set(wanted)):
-                    return [kept[p] for p in wanted]
-                container.seek(0)
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-        raise VideoError(f"cannot decode video: {exc}") from exc
-    return [frames[p] for p in frame_positions(len(frames), count)]
+        frames = sample_video_frames(video, count, "centres")
+    except DecodeError as exc:
+        raise VideoError(str(exc)) from exc
+    return [Image.fromarray(frame) for frame in frames]
 
 
 def _encode_jpeg(image: Image.Image, max_side: int, quality: int) -> str:

@@ -17,15 +17,15 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, Field, model_validator
 
-from .benchmark import DIMENSIONS, Benchmark, Criterion, RubricError, Task, load_benchmark, parse_block
 from .cache import JudgementCache
 from .judge import PROMPT_VERSION, JudgeConfig, VideoError, VLMJudge, sample_frames
+from .microworldbench import DIMENSIONS, Benchmark, Criterion, RubricError, Task, load_benchmark, parse_block
 from .scoring import dimension_raw, normalise
 
 logger = logging.getLogger(__name__)
@@ -287,45 +287,98 @@ def fetch_public_video(
     the checked address (the name is kept for the Host header and TLS SNI), so DNS rebinding
     cannot redirect it. Redirects are followed by hand and checked the same way.
     """
-    deadline = time.monotonic() + timeout_s
+    limit = _DownloadLimit(max_bytes, timeout_s, time.monotonic() + timeout_s)
     for _ in range(max_redirects + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise JudgeInputError(
-                "video_url", f"only http and https URLs are fetched, not {parts.scheme or 'none'!r}", 400
-            )
-        if not parts.hostname or parts.username or parts.password:
-            raise JudgeInputError("video_url", "URL needs a host and no credentials", 400)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        ip = _resolve_checked(parts.hostname, port, allowed)
-        netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise JudgeInputError("video_url", f"download took longer than {timeout_s} s", 408)
-        host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        try:
-            with httpx.Client(timeout=remaining, follow_redirects=False) as client:
-                with client.stream(
-                    "GET", pinned, headers={"Host": host_header}, extensions={"sni_hostname": parts.hostname}
-                ) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        continue
-                    if response.status_code != 200:
-                        raise JudgeInputError("video_url", f"server answered {response.status_code}", 400)
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > max_bytes:
-                        raise JudgeInputError("video_url", f"video larger than {max_bytes} bytes", 413)
-                    chunks, size = [], 0
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise JudgeInputError("video_url", f"video larger than {max_bytes} bytes", 413)
-                        if time.monotonic() > deadline:
-                            raise JudgeInputError("video_url", f"download took longer than {timeout_s} s", 408)
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-        except httpx.HTTPError as exc:
-            raise JudgeInputError("video_url", f"download failed: {exc}", 400) from None
+        target = _pin(url, allowed)
+        body, location = _get_pinned(target, limit)
+        if location is None:
+            return body
+        url = urljoin(url, location)
     raise JudgeInputError("video_url", f"more than {max_redirects} redirects", 400)
+
+
+class _DownloadLimit(NamedTuple):
+    """How much and how long one fetch (redirects included) may download."""
+
+    max_bytes: int
+    """Largest body accepted."""
+    timeout_s: float
+    """The whole fetch's time limit (for the error message)."""
+    deadline: float
+    """``time.monotonic()`` past which the download is given up."""
+
+    def remaining(self) -> float:
+        """Seconds left; raises once none are."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.too_slow()
+        return remaining
+
+    def too_slow(self) -> JudgeInputError:
+        """The error of a download past the deadline."""
+        return JudgeInputError("video_url", f"download took longer than {self.timeout_s} s", 408)
+
+    def too_large(self) -> JudgeInputError:
+        """The error of a body over ``max_bytes``."""
+        return JudgeInputError("video_url", f"video larger than {self.max_bytes} bytes", 413)
+
+
+class _PinnedURL(NamedTuple):
+    """A URL whose host has been resolved and checked, and the names to send with it."""
+
+    url: str
+    """The URL with the host replaced by its checked address."""
+    host_header: str
+    """``Host`` header: the name (and port, when the URL gave one)."""
+    hostname: str
+    """The name, for TLS SNI."""
+
+
+def _pin(url: str, allowed: Callable[[Any], bool]) -> _PinnedURL:
+    """Check ``url``'s scheme and host, resolve the host and pin the URL to an address ``allowed`` accepts."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise JudgeInputError("video_url", f"only http and https URLs are fetched, not {parts.scheme or 'none'!r}", 400)
+    if not parts.hostname or parts.username or parts.password:
+        raise JudgeInputError("video_url", "URL needs a host and no credentials", 400)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    ip = _resolve_checked(parts.hostname, port, allowed)
+    netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    return _PinnedURL(pinned, host_header, parts.hostname)
+
+
+def _get_pinned(target: _PinnedURL, limit: _DownloadLimit) -> tuple[bytes, str | None]:
+    """One GET of ``target`` within ``limit``: (body, None), or (b"", location) for a redirect."""
+    remaining = limit.remaining()
+    try:
+        with (
+            httpx.Client(timeout=remaining, follow_redirects=False) as client,
+            client.stream(
+                "GET", target.url, headers={"Host": target.host_header}, extensions={"sni_hostname": target.hostname}
+            ) as response,
+        ):
+            if response.is_redirect:
+                return b"", response.headers.get("location", "")
+            return _read_body(response, limit), None
+    except httpx.HTTPError as exc:
+        raise JudgeInputError("video_url", f"download failed: {exc}", 400) from None
+
+
+def _read_body(response: httpx.Response, limit: _DownloadLimit) -> bytes:
+    """The body of a 200 answer, refused as soon as it passes ``limit``'s size or deadline."""
+    if response.status_code != 200:
+        raise JudgeInputError("video_url", f"server answered {response.status_code}", 400)
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit.max_bytes:
+        raise limit.too_large()
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit.max_bytes:
+            raise limit.too_large()
+        if time.monotonic() > limit.deadline:
+            raise limit.too_slow()
+        chunks.append(chunk)
+    return b"".join(chunks)

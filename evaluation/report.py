@@ -17,8 +17,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .benchmark import DIMENSION_TITLES, DIMENSIONS, LEVELS
 from .judge import PROMPT_VERSION
+from .microworldbench import DIMENSION_TITLES, DIMENSIONS, LEVELS
 from .runner import EvalResult, summary_of, usage_dict
 from .scoring import Stat
 

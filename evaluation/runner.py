@@ -24,9 +24,11 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
-from .benchmark import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
+from media.video import write_atomic
+
 from .cache import JudgementCache
 from .judge import PROMPT_VERSION, JudgeError, Judgement, Usage, VideoError, VLMJudge, parse_answer, sample_frames
+from .microworldbench import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
 from .scoring import Agreement, Summary, TaskScore, agreement, score_task, summarize
 
 logger = logging.getLogger(__name__)
@@ -67,12 +69,6 @@ class GenerationConfig:
         """The OpenAI base URL."""
         url = self.endpoint.rstrip("/")
         return url if url.endswith("/v1") else url + "/v1"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _existing_jobs(client: openai.OpenAI, config: GenerationConfig, limit: int = 1000) -> dict[tuple[str, int], str]:
@@ -165,7 +161,7 @@ def generate_videos(
                 job = client.videos.retrieve(job_id)
                 if job.status == "completed":
                     path = out_dir / f"{index}.mp4"
-                    _write_atomic(path, client.videos.download_content(job_id).read())
+                    write_atomic(path, client.videos.download_content(job_id).read())
                     cache.set_job_id(index, None)
                     videos[index] = path
                 elif job.status == "failed":
@@ -312,38 +308,54 @@ def run_eval(
             videos = generate_videos(tasks, generation, out_dir / "videos", cache)
         else:
             videos = folder_videos(tasks, videos_dir)
-        repeats: dict[int, int] = {}
-        if agreement_tasks:
-            subset = select_tasks(
-                bench, indices=[t.index for t in tasks if t.index in videos], sample=agreement_tasks, seed=seed
-            )
-            repeats = {t.index: agreement_repeats for t in subset}
+        repeats = _agreement_repeats(bench, tasks, videos, agreement_tasks, agreement_repeats, seed)
         found = judge_videos(tasks, videos, judge, cache, repeats)
     finally:
         cache.close()
-    judgements = {t.index: {d: found[(t.index, d, 0)] for d in DIMENSIONS if (t.index, d, 0) in found} for t in tasks}
-    scores = [score_task(t, {d: j.scores for d, j in judgements[t.index].items()}) for t in tasks]
-    agree = None
-    if repeats:
-        complete = [i for i, k in repeats.items() if all((i, d, r) in found for d in DIMENSIONS for r in range(k))]
-        agree = {
-            d: agreement([[found[(i, d, r)].scores for i in complete] for r in range(agreement_repeats)])
-            for d in DIMENSIONS
-        }
+    judgements = _first_judgements(tasks, found)
     return EvalResult(
         model_name=model_name,
         judge_model=judge.config.model,
         tasks=list(tasks),
         judgements=judgements,
-        scores=scores,
+        scores=[score_task(t, {d: j.scores for d, j in judgements[t.index].items()}) for t in tasks],
         videos={i: str(p) for i, p in videos.items()},
         missing_videos=[t.index for t in tasks if t.index not in videos],
-        agreement=agree,
+        agreement=_self_agreement(found, repeats, agreement_repeats) if repeats else None,
         usage=judge.usage,
         cost_total_usd=sum(j.cost_usd for j in found.values()),
         anomalies=list(bench.anomalies),
         benchmark_source=bench.source,
     )
+
+
+def _agreement_repeats(
+    bench: Benchmark, tasks: Sequence[Task], videos: Mapping[int, Path], agreement_tasks: int, repeats: int, seed: int
+) -> dict[int, int]:
+    """How many times each task is judged: ``repeats`` for a seeded sample of ``agreement_tasks`` with a video."""
+    if not agreement_tasks:
+        return {}
+    with_video = [t.index for t in tasks if t.index in videos]
+    subset = select_tasks(bench, indices=with_video, sample=agreement_tasks, seed=seed)
+    return {t.index: repeats for t in subset}
+
+
+def _first_judgements(
+    tasks: Sequence[Task], found: Mapping[tuple[int, str, int], Judgement]
+) -> dict[int, dict[str, Judgement]]:
+    """The repeat-0 judgement per task and dimension (the ones scored)."""
+    return {t.index: {d: found[(t.index, d, 0)] for d in DIMENSIONS if (t.index, d, 0) in found} for t in tasks}
+
+
+def _self_agreement(
+    found: Mapping[tuple[int, str, int], Judgement], repeats: Mapping[int, int], agreement_repeats: int
+) -> dict[str, Agreement]:
+    """Judge self-agreement per dimension over the repeated tasks judged completely."""
+    complete = [i for i, k in repeats.items() if all((i, d, r) in found for d in DIMENSIONS for r in range(k))]
+    return {
+        d: agreement([[found[(i, d, r)].scores for i in complete] for r in range(agreement_repeats)])
+        for d in DIMENSIONS
+    }
 
 
 _UPSTREAM_KEYS = {"scientific": "scientific_eval", "visual": "visual_eval", "instruction": "instruction_eval"}
@@ -360,7 +372,7 @@ def export_upstream(result: EvalResult, path: Path) -> None:
                 "parsed_result": {"scores": j.scores, "reasoning": j.reasoning, "reasons": j.reasons},
             }
         items.append(item)
-    _write_atomic(path, json.dumps(items, ensure_ascii=False, indent=2).encode())
+    write_atomic(path, json.dumps(items, ensure_ascii=False, indent=2).encode())
 
 
 def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int, dict[str, list[int]]], list[Anomaly]]:

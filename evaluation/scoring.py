@@ -28,7 +28,7 @@ import numpy as np
 from scipy.stats import bootstrap
 from sklearn.metrics import cohen_kappa_score
 
-from .benchmark import DIMENSIONS, LEVELS, Criterion, Task
+from .microworldbench import DIMENSIONS, LEVELS, Criterion, Task
 
 logger = logging.getLogger(__name__)
 

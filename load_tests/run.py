@@ -1,8 +1,10 @@
 """Headless load test: measure capacity, offer twice that with Locust, check every job, write a summary.
 
 ``python -m load_tests.run --start-service --duration 300 --out load_tests/reports/now`` starts a service on
-a free loopback port (small queue, so backpressure shows, and the fake judge when the benchmark rubrics are
-available); ``--host URL`` targets a running one instead. Steps:
+a free loopback port (small queue, so backpressure shows, and the fake judge on MicroWorldBench:
+``$MICROVERSE_BENCHMARK``, else the published files at ``../shared/microworldbench`` when present, else the
+loader's default, the upstream files downloaded once into a cache); ``--host URL`` targets a running one instead.
+Steps:
 
 1. capacity: a short closed-loop run of ``POST /generate`` with enough concurrent clients to keep the batcher
    full; capacity = completed videos / elapsed seconds;
@@ -42,7 +44,8 @@ logger = logging.getLogger("load_tests.run")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-DEFAULT_BENCHMARK = REPO_ROOT.parent / "shared" / "microworldbench"
+SHARED_BENCHMARK = REPO_ROOT.parent / "shared" / "microworldbench"
+"""The published MicroWorldBench beside the checkout: the judge's benchmark when present and none is set."""
 TERMINAL = ("completed", "failed")
 
 
@@ -103,15 +106,14 @@ def service(cfg: Config, storage: Path):
     """``bentoml serve service:MicroVerse`` on a free loopback port (and the fake judge); yields its URL."""
     with ExitStack() as stack:
         env = {**os.environ, "MICROVERSE_STORAGE_DIR": str(storage), "MICROVERSE_MAX_QUEUE": str(cfg.max_queue)}
-        benchmark = Path(os.environ.get("MICROVERSE_BENCHMARK") or DEFAULT_BENCHMARK)
-        if cfg.judge and benchmark.exists():
+        if cfg.judge:
             from evaluation.fake_judge import FakeJudgeServer
 
             judge = stack.enter_context(FakeJudgeServer())
             env.update(MICROVERSE_JUDGE_BASE_URL=judge.base_url, MICROVERSE_JUDGE_MODEL="fake-judge",
-                       MICROVERSE_JUDGE_API_KEY="load-test", MICROVERSE_BENCHMARK=str(benchmark))
-        elif cfg.judge:
-            logger.warning("no benchmark rubrics at %s: the service runs without a judge", benchmark)
+                       MICROVERSE_JUDGE_API_KEY="load-test")
+            if not env.get("MICROVERSE_BENCHMARK") and SHARED_BENCHMARK.is_dir():
+                env["MICROVERSE_BENCHMARK"] = str(SHARED_BENCHMARK)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = stack.enter_context(open(cfg.out / "service.log", "ab"))

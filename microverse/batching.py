@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 
+from media.video import encode_mp4, thumbnail, write_atomic
+
 from .engine import GenerationCancelled, VideoEngine
 from .jobs import Job, JobStore
 from .metrics import ServiceMetrics
-from .video import encode_mp4, thumbnail, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,11 @@
-"""The ``microverse`` command: ``serve``, ``generate``, ``info``, ``bench-overhead`` and the
-``eval`` / ``train`` / ``data`` groups of the evaluation and training packages."""
+"""The ``microverse`` command: ``serve``, ``generate``, ``info``, ``bench`` and the ``eval`` / ``train`` /
+``data`` groups of the evaluation and training packages.
+
+The evaluation and training packages never import the serving package; the commands of theirs that run a
+checkpoint (``eval physics --model``, ``train demo``, ``train demo-bench``) find the serving engine as the
+click context object, an :class:`evaluation.physics.ModelRunner` that :func:`main` sets from
+``microverse.sources``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,12 @@ from pathlib import Path
 
 import click
 
+from evaluation.cli import eval_group
+from training.cli import data_group, train_group
+
 from .config import Settings
+from .sources import model_runner
+from .tools.inference_bench import bench_command
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +53,12 @@ def build_settings(overrides: dict) -> Settings:
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """MicroVerse: serve, evaluate and train micro-world video models."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = model_runner()
 
 
 @main.command()
@@ -77,10 +90,11 @@ def serve(port: int, host: str, **overrides) -> None:
 def generate(prompt, output, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
              seed, fps, **overrides) -> None:
     """Generate one video locally (no server) and write it to OUTPUT."""
+    from media.video import encode_mp4, write_atomic
+
     from .engine import DiffusersEngine
     from .runtime import limits_of
     from .schemas import GenerateRequest, InputError, resolve
-    from .video import encode_mp4, write_atomic
 
     settings = build_settings(overrides)
     engine = DiffusersEngine.from_settings(settings)
@@ -104,7 +118,8 @@ def generate(prompt, output, negative_prompt, height, width, num_frames, num_inf
 
 
 @main.command()
-@click.option("--url", default=None, help="Ask a running server (e.g. http://127.0.0.1:3000) instead of loading locally.")
+@click.option("--url", default=None,
+              help="Ask a running server (e.g. http://127.0.0.1:3000) instead of loading locally.")
 @settings_options
 def info(url: str | None, **overrides) -> None:
     """Print what the model and runtime are (same as ``GET /info``)."""
@@ -126,22 +141,9 @@ def info(url: str | None, **overrides) -> None:
         rt.stop()
 
 
-def _mount_optional_groups() -> None:
-    """Add the evaluation and training command groups when those packages provide them."""
-    for module, attr, name in (("evaluation.cli", "eval_group", "eval"), ("training.cli", "train_group", "train"),
-                               ("training.cli", "data_group", "data")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ImportError as exc:
-            logger.debug("%s not available: %s", module, exc)
-            continue
-        if hasattr(mod, attr):
-            main.add_command(getattr(mod, attr), name)
-
-
-_mount_optional_groups()
-from .bench import bench_command
-
+main.add_command(eval_group, "eval")
+main.add_command(train_group, "train")
+main.add_command(data_group, "data")
 main.add_command(bench_command, "bench")
 
 if __name__ == "__main__":

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from evaluation.judge import JudgeConfigError, JudgeError
+from evaluation.judge_api import JudgeInputError
+
+logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -23,6 +32,7 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error shape as a response; ``type`` follows from the status."""
     body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                       "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -34,7 +44,8 @@ def field_name(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_message(err: dict) -> tuple[str, str]:
+def validation_message(err: dict[str, Any]) -> tuple[str, str]:
+    """A pydantic error -> (the field at fault, a message naming it)."""
     name = field_name(tuple(err.get("loc", ())))
     if err.get("type") == "extra_forbidden":
         return name, f"unknown field '{name}'"
@@ -43,52 +54,47 @@ def validation_message(err: dict) -> tuple[str, str]:
     return name, f"{name}: {err.get('msg', 'invalid value')}"
 
 
-def install_handlers(app) -> None:
+def install_handlers(app: FastAPI) -> None:
     """Map every exception to the error shape; never leak a traceback."""
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
-    from evaluation.judge import JudgeConfigError, JudgeError
-    from evaluation.judge_api import JudgeInputError
-
     @app.exception_handler(JudgeInputError)
-    async def _judge_input(request: Request, exc: JudgeInputError):
+    async def _judge_input(request: Request, exc: JudgeInputError) -> JSONResponse:
         return error_response(exc.status_code, exc.message if exc.field in exc.message else f"{exc.field}: {exc.message}",
                               exc.field, "invalid_value")
 
     @app.exception_handler(JudgeError)
-    async def _judge_failed(request: Request, exc: JudgeError):
+    async def _judge_failed(request: Request, exc: JudgeError) -> JSONResponse:
         return error_response(502, f"the judge model failed: {exc}", None, "judge_failed")
 
     @app.exception_handler(JudgeConfigError)
-    async def _judge_config(request: Request, exc: JudgeConfigError):
+    async def _judge_config(request: Request, exc: JudgeConfigError) -> JSONResponse:
         return error_response(502, f"the judge model refused the configuration: {exc}", None, "judge_misconfigured")
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = validation_message(exc.errors()[0])
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), None, None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        import logging
-
-        logging.getLogger(__name__).exception("unhandled error on %s %s", request.method, request.url.path)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error; see the server log", None, "internal_error")
 
 
-def json_body_spec(model) -> dict:
+def json_body_spec(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` declaring ``model`` as the JSON request body (handlers parse bodies themselves)."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
-    def inline(node):
+    def inline(node: Any) -> Any:
         if isinstance(node, dict):
             if "$ref" in node:
                 return inline(defs[node["$ref"].rsplit("/", 1)[-1]])

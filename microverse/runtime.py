@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
+from evaluation.judge import JudgeConfig
+from evaluation.judge_api import JudgeService
+
+from .batching import BatchWorker
 from .config import Settings
 from .engine import DiffusersEngine, VideoEngine
 from .jobs import JobStore
@@ -39,11 +44,8 @@ def limits_of(settings: Settings, engine: VideoEngine | None = None) -> Limits:
                   max_side=max_side)
 
 
-def _make_judge(settings: Settings):
+def _make_judge(settings: Settings) -> JudgeService | None:
     """The rubric judge behind ``/judge``, configured from ``MICROVERSE_JUDGE_*`` (None when unset)."""
-    from evaluation.judge import JudgeConfig
-    from evaluation.judge_api import JudgeService
-
     config = JudgeConfig.from_env()
     if config is None:
         return None
@@ -56,22 +58,26 @@ class Runtime:
     """Everything a request handler needs; built once per server process."""
 
     settings: Settings
+    """The ``MICROVERSE_*`` settings the service started with."""
     store: JobStore
+    """Durable jobs (SQLite + files) shared by every route."""
     metrics: ServiceMetrics
+    """The service's Prometheus metrics."""
     engine: VideoEngine | None = None
+    """The loaded model's engine; None when the model failed to load."""
     load_error: str | None = None
-    judge: object | None = None
-    """``evaluation.judge_api.JudgeService`` when ``MICROVERSE_JUDGE_BASE_URL`` is set."""
-    worker: object | None = field(default=None, repr=False)
+    """Why the model failed to load, reported by ``/info``."""
+    judge: JudgeService | None = None
+    """The rubric judge behind ``/judge``; None until ``MICROVERSE_JUDGE_BASE_URL`` is set."""
+    worker: BatchWorker | None = field(default=None, repr=False)
+    """The thread running queued jobs in batches; None without an engine."""
 
     @classmethod
-    def start(cls, settings: Settings, engine: VideoEngine | None = None) -> "Runtime":
+    def start(cls, settings: Settings, engine: VideoEngine | None = None) -> Runtime:
         """Load the model (unless ``engine`` is given), recover the job store and start the worker.
 
         A model that fails to load leaves the service up but not ready, with the reason in ``/info``.
         """
-        from .batching import BatchWorker
-
         store = JobStore(settings.storage_dir, settings.job_retention_hours * 3600, settings.max_attempts)
         rt = cls(settings=settings, store=store, metrics=ServiceMetrics())
         if engine is None:
@@ -92,16 +98,18 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
+        """Whether a model is loaded and requests can be served."""
         return self.engine is not None and self.load_error is None
 
     @property
     def limits(self) -> Limits:
+        """The request limits of the settings and the loaded model."""
         return limits_of(self.settings, self.engine)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What ``/info`` reports."""
         s = self.settings
-        out: dict = {
+        out: dict[str, Any] = {
             "ready": self.ready,
             "load_error": self.load_error,
             "versions": versions(),
@@ -136,6 +144,7 @@ class Runtime:
         return out
 
     def stop(self) -> None:
+        """Stop the worker (re-queueing its batch) and close the job store."""
         if self.worker is not None:
             self.worker.stop()
         self.store.close()

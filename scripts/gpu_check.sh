@@ -40,12 +40,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 # fast: the default knobs (40 % of the steps with UniPC, CFG on the first 60 %, first-block cache 0.08),
 # and a more aggressive variant (30 % of the steps, CFG on the first half, cache 0.12).
 PRESETS="exact,fast,fast@fast_step_ratio=0.3:fast_cfg_cutoff=0.5:fast_cache_threshold=0.12"
-"$PY" -m microverse.bench --size "$SIZE" --presets "$PRESETS" --repeats "$REPEATS" --warmup-steps 2 \
+"$PY" -m microverse.tools.inference_bench --size "$SIZE" --presets "$PRESETS" --repeats "$REPEATS" --warmup-steps 2 \
   --draft-batch 8 --cache-dir /tmp/mv_bench -o "$OUT/bench_$SIZE.json"
 echo "main run done after $(( $(date +%s) - start )) s"
 
 if [ "$RUN_COMPILE" = 1 ]; then
-  "$PY" -m microverse.bench --size "$SIZE" --presets exact --compile --repeats 1 --warmup-steps 2 \
+  "$PY" -m microverse.tools.inference_bench --size "$SIZE" --presets exact --compile --repeats 1 --warmup-steps 2 \
     --cache-dir /tmp/mv_bench -o "$OUT/bench_${SIZE}_compile.json"
   echo "compile run done after $(( $(date +%s) - start )) s"
 fi

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.synthetic_microworldbench import write_microworldbench
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 def free_port() -> int:
@@ -24,9 +25,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def bench_dir(tmp_path_factory) -> Path:
+    """A synthetic MicroWorldBench folder (``tests/synthetic_microworldbench.py``); no test reads ``../shared``."""
+    return write_microworldbench(tmp_path_factory.mktemp("microworldbench"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Wan pipeline saved with ``save_pretrained`` (what a user's checkpoint folder looks like)."""
-    from microverse.tiny import save_tiny_pipeline
+    from microverse.tools.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-wan"))
 

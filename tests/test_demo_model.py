@@ -7,11 +7,12 @@ import json
 import httpx
 import pytest
 
-from evaluation.physics import acceptance_checks, wan_generate
-from microverse.config import Settings
+from evaluation.physics import acceptance_checks
+from media.video import read_video
 from microverse import loading
+from microverse.config import Settings
 from microverse.loading import EMBEDDED_DIR, CheckpointError, load_pipeline
-from microverse.video import read_mp4
+from microverse.sources import engine_generate
 from training.demo import METRICS_FILE, TOLERANCE
 
 MAX_BYTES = 30 * 2**20
@@ -55,7 +56,7 @@ def test_acceptance_checks_hold_on_the_shipped_weights(card_metrics):
     """Re-measured through the serving engine, the card's acceptance figures hold within its tolerance
     (on the machine that trained it they repeat exactly; another CPU's float rounding may move a seed)."""
     cfg = card_metrics["config"]
-    gen = wan_generate(EMBEDDED_DIR, cfg["size"], cfg["frames"], cfg["steps"], cfg["guidance_scale"])
+    gen = engine_generate(EMBEDDED_DIR, cfg["size"], cfg["frames"], cfg["steps"], cfg["guidance_scale"])
     got = acceptance_checks(gen, range(cfg["eval_seeds"]))
     for name, check in got.items():
         assert abs(check["passed"] - card_metrics["acceptance"][name]["passed"]) <= TOLERANCE["acceptance_seeds"], (
@@ -69,6 +70,6 @@ def test_make_serve_default_serves_the_demo_model(start_server, card_metrics):
     r = httpx.post(server.url + "/generate", json={"prompt": "a cell divides into two daughter cells", "seed": 3},
                    timeout=120)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
-    frames, fps = read_mp4(r.content)
+    frames, fps = read_video(r.content)
     cfg = card_metrics["config"]
     assert frames.shape == (cfg["frames"], cfg["size"], cfg["size"], 3) and fps == cfg["fps"]

@@ -71,7 +71,8 @@ def test_info_reports_the_model(make_client):
 
 
 def test_mp4_encoding_is_deterministic(engine):
-    from microverse.video import encode_mp4, read_mp4
+    from media.video import encode_mp4
+    from media.video import read_video as read_mp4
 
     video = engine.generate([spec(seed=3, height=64, width=64, num_frames=17)]).videos[0]
     encoded = {encode_mp4(video, 16) for _ in range(8)}

@@ -196,7 +196,7 @@ def test_prompts_are_redacted_from_logs_when_configured(make_client, caplog, red
     import logging
 
     client = make_client(redact_prompts=redact)
-    with caplog.at_level(logging.INFO, logger="microverse.api"):
+    with caplog.at_level(logging.INFO, logger="microverse.submission"):
         assert client.post("/generate", json={"prompt": "patient 1234 biopsy", **SMALL}).status_code == 200
     queued = [r.getMessage() for r in caplog.records if "queued" in r.getMessage()]
     assert len(queued) == 1

@@ -22,13 +22,14 @@ def before_call(context, case, *args):
 
 def setup_module(module):
     import tempfile
+    from pathlib import Path
 
     from evaluation.fake_judge import FakeJudgeServer
     from evaluation.judge import JudgeConfig
     from evaluation.judge_api import JudgeService
     from microverse.config import Settings
-    from microverse.tiny import save_tiny_pipeline
-    from tests.conftest import SHARED_DIR
+    from microverse.tools.tiny import save_tiny_pipeline
+    from tests.synthetic_microworldbench import write_microworldbench
 
     tmp = tempfile.mkdtemp(prefix="microverse-fuzz-")
     app.state.runtime = Runtime.start(Settings(
@@ -38,7 +39,7 @@ def setup_module(module):
     module.judge_server = FakeJudgeServer().start()
     app.state.runtime.judge = JudgeService(
         JudgeConfig(base_url=module.judge_server.base_url, api_key="x", model="fake-judge"),
-        benchmark=SHARED_DIR / "microworldbench")
+        benchmark=write_microworldbench(Path(tmp) / "microworldbench"))
 
 
 def teardown_module(module):

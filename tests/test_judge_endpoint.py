@@ -8,7 +8,6 @@ import openai
 import pytest
 
 from evaluation.fake_judge import FakeJudgeServer
-from tests.conftest import SHARED_DIR
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +17,9 @@ def judge_server():
 
 
 @pytest.fixture
-def judged_service(start_server, judge_server):
+def judged_service(start_server, judge_server, bench_dir):
     return start_server(MICROVERSE_JUDGE_BASE_URL=judge_server.base_url, MICROVERSE_JUDGE_MODEL="fake-judge",
-                        MICROVERSE_JUDGE_API_KEY="test", MICROVERSE_BENCHMARK=SHARED_DIR / "microworldbench")
+                        MICROVERSE_JUDGE_API_KEY="test", MICROVERSE_BENCHMARK=bench_dir)
 
 
 def test_judge_endpoint(judged_service):

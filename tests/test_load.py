@@ -1,6 +1,7 @@
 """A short, bounded run of the load-test runner against a service it starts (the 5-minute run is ``make load-test``)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,12 +11,13 @@ from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow
-def test_load_runner_short(tmp_path):
+def test_load_runner_short(tmp_path, bench_dir):
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "load_tests.run", "--start-service", "--duration", "20", "--capacity-duration", "6",
          "--max-queue", "4", "--drain-timeout", "90", "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, check=False,
+        cwd=REPO_ROOT, env={**os.environ, "MICROVERSE_BENCHMARK": str(bench_dir)}, capture_output=True, text=True,
+        timeout=420, check=False,
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["unexpected_5xx"] == 0, summary["errors_by_type"]

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from microverse.bench import Counter, decode_uint8, psnr, rel_l2
 from microverse.config import Settings
 from microverse.engine import DiffusersEngine
 from microverse.loading import ModelDefaults
 from microverse.presets import PresetOptions, PromptEmbeddingCache, make_plan
 from microverse.schemas import GenerateRequest, GenerationSpec, Limits, resolve
+from microverse.tools.inference_bench import Counter, decode_uint8, psnr, rel_l2
 
 STEPS = 6
 

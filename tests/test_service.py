@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from microverse.video import read_mp4
+from media.video import read_video as read_mp4
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

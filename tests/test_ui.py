@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 
 from evaluation.fake_judge import FakeJudgeServer
-from tests.conftest import REPO_ROOT, SHARED_DIR, free_port
+from tests.conftest import REPO_ROOT, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -21,7 +21,7 @@ SCREENSHOT = REPO_ROOT / "docs" / "playground.png"
 
 
 @pytest.fixture
-def ui_service(make_settings, monkeypatch):
+def ui_service(make_settings, monkeypatch, bench_dir):
     """The service app with the playground router and a (fake) judge, served by uvicorn on loopback."""
     if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
         pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
@@ -31,7 +31,7 @@ def ui_service(make_settings, monkeypatch):
         monkeypatch.setenv("MICROVERSE_JUDGE_BASE_URL", judge.base_url)
         monkeypatch.setenv("MICROVERSE_JUDGE_MODEL", "fake-judge")
         monkeypatch.setenv("MICROVERSE_JUDGE_API_KEY", "test")
-        monkeypatch.setenv("MICROVERSE_BENCHMARK", str(SHARED_DIR / "microworldbench"))
+        monkeypatch.setenv("MICROVERSE_BENCHMARK", str(bench_dir))
         app = create_app()
         app.state.runtime = Runtime.start(make_settings())
         port = free_port()

@@ -32,7 +32,7 @@ def client(tmp_path_factory):
     from microverse.api import create_app
     from microverse.config import Settings
     from microverse.runtime import Runtime
-    from microverse.tiny import save_tiny_pipeline
+    from microverse.tools.tiny import save_tiny_pipeline
 
     tmp = tmp_path_factory.mktemp("validation")
     app = create_app()

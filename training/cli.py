@@ -1,14 +1,23 @@
 """Click groups wired into the ``microverse`` CLI as ``microverse train`` and ``microverse data``.
 
-Also runnable as ``python -m training.cli train ...`` / ``python -m training.cli data ...``.
+Also runnable as ``python -m training.cli train ...`` / ``python -m training.cli data ...``, except ``train demo``
+and ``train demo-bench``: they run checkpoints through the serving engine, which training never imports, so they
+take it as the :class:`~evaluation.physics.ModelRunner` that ``microverse.cli`` sets as the click context object.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
+
+from evaluation.physics import ModelRunner
+from simulator.dataset import write_dataset
+from simulator.render import LOOKS, PROCESSES, check_looks, parse_processes
+from simulator.speed import single_core_speed
+from training.data.cli import register as register_pipeline_commands
 
 logger = logging.getLogger(__name__)
 
@@ -17,12 +26,23 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _model_runner(ctx: click.Context) -> ModelRunner:
+    """The serving engine's :class:`ModelRunner`, which ``microverse.cli`` sets as the context object."""
+    runner = ctx.find_object(ModelRunner)
+    if runner is None:
+        name = ctx.info_name
+        raise click.UsageError(f"{name} needs the serving engine: run it as `microverse train {name}`")
+    return runner
+
+
 @click.group("train", invoke_without_command=True)
 @click.option("--config", "config_spec", help="Registered config name (debug, lora-1.3b, full-1.3b) or YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. optim.lr=1e-4.")
 @click.option("--until-step", type=int, help="Stop (with a checkpoint) after this global step; rerun to resume.")
 @click.pass_context
-def train_group(ctx: click.Context, config_spec: str | None, overrides: tuple[str, ...], until_step: int | None) -> None:
+def train_group(
+    ctx: click.Context, config_spec: str | None, overrides: tuple[str, ...], until_step: int | None
+) -> None:
     """Fine-tune Wan2.1 (LoRA or full). Wrap in `accelerate launch` for several processes/nodes."""
     if ctx.invoked_subcommand is not None:
         return
@@ -95,8 +115,8 @@ def export_bento_cmd(checkpoint: str, name: str, labels: tuple[str, ...]) -> Non
 @click.option("--out", type=click.Path(), help="Write the result as JSON here (e.g. docs/training-benchmark.json).")
 def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps, out) -> None:
     """Seconds per step and peak memory of DiT training at SIZE (random weights, cached-latent step)."""
-    from training.benchmark import benchmark, write_result
     from training.config import ModelConfig
+    from training.step_speed import benchmark, write_result
 
     _setup_logging()
     model = ModelConfig(
@@ -111,7 +131,8 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
 
 
 @train_group.command("vae")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset with metadata.json.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset with metadata.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the VAE.")
 @click.option("--size", default=64, show_default=True, help="Clip size (square).")
 @click.option("--frames", default=17, show_default=True, help="Frames per clip (4k+1).")
@@ -150,12 +171,14 @@ def vae_cmd(data, out, size, frames, steps, batch_size, base_dim, z_dim, spatial
               type=click.Choice(["demo", "demo-debug"]), help="Recipe (demo-debug: seconds, for tests).")
 @click.option("--compare", type=click.Path(exists=True, file_okay=False),
               help="A demo model folder whose demo_metrics.json the new metrics are checked against.")
-def demo_cmd(out: str, config_name: str, compare: str | None) -> None:
+@click.pass_context
+def demo_cmd(ctx: click.Context, out: str, config_name: str, compare: str | None) -> None:
     """Train the demo model from scratch on simulator clips, evaluate it, write its model card."""
     from training.demo import DEMO_CONFIGS, build_demo
 
+    runner = _model_runner(ctx)
     _setup_logging()
-    metrics = build_demo(DEMO_CONFIGS[config_name](), out, reference=compare)
+    metrics = build_demo(DEMO_CONFIGS[config_name](), out, runner, reference=compare)
     summary = {k: metrics[k] for k in ("acceptance", "physics_accuracy", "timings")}
     summary["generation_seconds"] = metrics["generation"]["seconds_median"]
     if "reproduction" in metrics:
@@ -166,32 +189,57 @@ def demo_cmd(out: str, config_name: str, compare: str | None) -> None:
 @train_group.command("demo-bench")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--repeats", default=5, show_default=True)
-def demo_bench_cmd(model: str, repeats: int) -> None:
+@click.pass_context
+def demo_bench_cmd(ctx: click.Context, model: str, repeats: int) -> None:
     """Seconds to generate MODEL's default clip through the serving engine (median of REPEATS after a warm-up)."""
-    from training.demo import benchmark_generation
-
+    runner = _model_runner(ctx)
     _setup_logging()
-    click.echo(json.dumps(benchmark_generation(model, repeats), indent=2))
+    click.echo(json.dumps(runner.benchmark(model, repeats), indent=2))
 
 
 @click.group("data")
 def data_group() -> None:
-    """Build a MicroSim-style training set from raw videos (each stage resumable)."""
+    """Build a training set: MicroSim-style from raw videos (each stage resumable), or simulator clips."""
 
 
-def _add_data_commands() -> None:
-    from training.data.cli import register
+register_pipeline_commands(data_group)
 
-    register(data_group)
-    # training.simulator (procedural simulator, written separately) may not exist yet.
+
+@data_group.command("simulate")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+)
+@click.option("-n", "--n", "n_clips", type=int, default=600, show_default=True, help="Number of clips.")
+@click.option("--size", type=int, default=64, show_default=True, help="Frame height and width in pixels.")
+@click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip (Wan: 4k+1).")
+@click.option("--fps", type=int, default=16, show_default=True, help="Frame rate written to the mp4.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; same seed, same dataset.")
+@click.option("--processes", default=None, help=f"Comma-separated subset of: {', '.join(PROCESSES)}.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--looks", default=",".join(LOOKS), show_default=True, help="Comma-separated looks each clip's is drawn from."
+)
+def simulate_command(out_dir, n_clips, size, frames, fps, seed, processes, workers, looks) -> None:
+    """Render a simulator dataset (mp4 clips + metadata.json + ground truth); byte-identical for the same seed."""
+    names = [x.strip() for x in looks.split(",") if x.strip()]
     try:
-        from training.simulator import simulate_command
-    except ImportError:
-        return
-    data_group.add_command(simulate_command, "simulate")
+        check_looks(names)
+    except KeyError as exc:
+        raise click.BadParameter(exc.args[0], param_hint="--looks") from exc
+    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, parse_processes(processes), workers, names)
+    click.echo(f"wrote {n_clips} clips, metadata at {meta}")
 
 
-_add_data_commands()
+@data_group.command("simulate-speed")
+@click.option("-n", "--n", "n_clips", type=int, default=600, show_default=True, help="Clips per measurement.")
+@click.option("--size", type=int, default=64, show_default=True, help="Frame height and width in pixels.")
+@click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip.")
+def simulate_speed_command(n_clips, size, frames) -> None:
+    """Measure single-core simulator throughput (render only, and render + H.264 encode)."""
+    rates = single_core_speed(n_clips, size, frames)
+    click.echo(f"{n_clips} clips of {size}x{size}x{frames} on one core")
+    for name, (wall, cpu) in rates.items():
+        click.echo(f"{name + ':':17s}{wall:8.1f} clips/s wall, {cpu:8.1f} clips per CPU-second")
 
 
 @click.group()

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.video import read_video, resize_crop
+from media.video import read_video, resize_crop
 
 logger = logging.getLogger(__name__)
 

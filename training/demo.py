@@ -4,7 +4,7 @@ be the service's embedded default.
 One command builds it on a 2-core CPU (``microverse train demo --out outputs/demo``), in stages that
 each skip (or, for the DiT, resume) when their output exists, so an interrupted run continues:
 
-1. ``data/``   simulator clips (``training.simulator.write_dataset``); some fluorescence captions lose
+1. ``data/``   simulator clips (``simulator.dataset.write_dataset``); some fluorescence captions lose
                their "..., fluorescence microscopy" suffix, so short prompts work and get that look;
 2. ``vae/``    a small ``AutoencoderKLWan`` (4x space, 2x time) trained on random crops (``training.vae``);
 3. ``init/``   the pipeline: that VAE, a word tokenizer and small UMT5 encoder (random, frozen), a
@@ -14,7 +14,9 @@ each skip (or, for the DiT, resume) when their output exists, so an interrupted 
                issue-5 acceptance checks, per-process accuracy against the simulator ceiling and the
                untrained floor, and the generation time of the demo clip; plus a model card.
 
-``DEMO_CONFIGS`` holds the recipe (``demo``) and a seconds-long ``demo-debug`` for tests.
+``DEMO_CONFIGS`` holds the recipe (``demo``) and a seconds-long ``demo-debug`` for tests. Generating from a
+checkpoint needs the serving engine, which training never imports: ``build_demo`` and ``evaluate_model`` take
+it as an :class:`evaluation.physics.ModelRunner` (``microverse.cli`` passes ``microverse.sources.model_runner()``).
 """
 
 from __future__ import annotations
@@ -31,12 +33,22 @@ from pathlib import Path
 
 import torch
 
+from evaluation.physics import (
+    ModelRunner,
+    acceptance_checks,
+    evaluate_physics,
+    heldout_cases,
+    simulator_generate,
+    through_vae,
+)
 from training.vae import VAETrainConfig
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "demo_metrics.json"
 """Metrics of a demo model, next to its weights."""
+DEFAULTS_FILE = "microverse_defaults.json"
+"""The service's generation defaults of a model folder (the name ``microverse.loading.read_defaults`` reads)."""
 
 _LOOK_SUFFIX = re.compile(r",? (?:in )?(?:fluorescence|brightfield) microscopy(?: video)?$")
 
@@ -149,7 +161,8 @@ def demo_debug_config() -> DemoConfig:
         vae=replace(DemoConfig().vae, steps=3, batch_size=2, crop_size=16),
         model=DemoModelConfig(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=8, ffn_dim=32,
                               freq_dim=16),
-        train_steps=4, batch_size=2, warmup_steps=1, decay_steps=2, steps=2, eval_seeds=1, eval_per_process=1, bench_repeats=1,
+        train_steps=4, batch_size=2, warmup_steps=1, decay_steps=2, steps=2, eval_seeds=1, eval_per_process=1,
+        bench_repeats=1,
     )  # fmt: skip
 
 
@@ -164,7 +177,7 @@ def make_data(cfg: DemoConfig, out: Path) -> Path:
     """Simulator clips plus ``metadata.json``; some fluorescence captions lose their microscopy suffix."""
     import random
 
-    from training.simulator import write_dataset
+    from simulator.dataset import write_dataset
 
     if (out / "metadata.json").exists():
         return out
@@ -195,7 +208,7 @@ def build_pipeline(cfg: DemoConfig, vae_dir: Path):
     """The untrained demo ``WanPipeline``: trained VAE, seeded random text encoder and DiT."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
-    from microverse.tiny import build_text_encoder, build_tokenizer, build_transformer
+    from training.architecture import build_text_encoder, build_tokenizer, build_transformer
 
     m = cfg.model
     vae = AutoencoderKLWan.from_pretrained(vae_dir)
@@ -213,13 +226,12 @@ def build_pipeline(cfg: DemoConfig, vae_dir: Path):
 
 
 def write_defaults(cfg: DemoConfig, folder: Path) -> None:
-    """``microverse_defaults.json``: the service's defaults for this model."""
-    from microverse.loading import DEFAULTS_FILE, ModelDefaults
-
-    defaults = ModelDefaults(height=cfg.size, width=cfg.size, num_frames=cfg.frames, num_inference_steps=cfg.steps,
-                             guidance_scale=cfg.guidance_scale, fps=cfg.fps,
-                             max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
-    (folder / DEFAULTS_FILE).write_text(json.dumps(asdict(defaults), indent=2))
+    """``microverse_defaults.json``: the service's defaults for this model (every field of
+    ``microverse.loading.ModelDefaults``)."""
+    defaults = {"height": cfg.size, "width": cfg.size, "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
+                "guidance_scale": cfg.guidance_scale, "fps": cfg.fps,
+                "max_sequence_length": cfg.model.max_sequence_length, "negative_prompt": ""}  # fmt: skip
+    (folder / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
 
 
 def make_init(cfg: DemoConfig, vae_dir: Path, out: Path) -> Path:
@@ -268,42 +280,13 @@ def assemble(init: Path, trained: Path, out: Path) -> Path:
 # evaluation
 
 
-def benchmark_generation(model_dir: str | Path, repeats: int = 5) -> dict:
-    """Seconds to generate the model's default clip through the serving engine (one warm-up, then
-    ``repeats`` timed runs; median reported), with the torch thread count it ran on."""
-    from microverse.config import Settings
-    from microverse.engine import DiffusersEngine
-    from microverse.schemas import GenerationSpec
-
-    engine = DiffusersEngine.from_settings(Settings(model=str(model_dir)))
-    d = engine.model.defaults
-    spec = GenerationSpec(prompt="a cell divides into two daughter cells", negative_prompt=d.negative_prompt,
-                          height=d.height, width=d.width, num_frames=d.num_frames, num_inference_steps=d.num_inference_steps,
-                          guidance_scale=d.guidance_scale, seed=0, fps=d.fps)  # fmt: skip
-    engine.generate([spec])
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        engine.generate([replace(spec, seed=i + 1)])
-        times.append(time.perf_counter() - t0)
-    return {"seconds_median": statistics.median(times), "seconds": times, "threads": torch.get_num_threads(),
-            "shape": [d.num_frames, d.height, d.width], "steps": d.num_inference_steps}  # fmt: skip
-
-
-def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path | None = None) -> dict:
+def evaluate_model(
+    model_dir: str | Path, cfg: DemoConfig, runner: ModelRunner, floor_dir: str | Path | None = None
+) -> dict:
     """Acceptance checks, physics accuracy (model; simulator ceiling, also through the model's VAE; optional
-    floor) and generation time."""
-    from evaluation.physics import (
-        acceptance_checks,
-        evaluate_physics,
-        heldout_cases,
-        simulator_generate,
-        through_vae,
-        wan_generate,
-    )
-
+    floor) and generation time; ``runner`` generates from and times the checkpoints."""
     cases = heldout_cases(cfg.eval_per_process, size=cfg.size, frames=cfg.frames, looks=cfg.looks)
-    gen = wan_generate(model_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
+    gen = runner.generate(model_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
     acceptance = acceptance_checks(gen, range(cfg.eval_seeds))
     model = evaluate_physics(gen, cases, "demo model")
     sim = simulator_generate(cases)
@@ -313,13 +296,13 @@ def evaluate_model(model_dir: str | Path, cfg: DemoConfig, floor_dir: str | Path
         "vae": evaluate_physics(through_vae(sim, model_dir), cases, "through VAE").accuracy(),
     }
     if floor_dir is not None:
-        floor_gen = wan_generate(floor_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
+        floor_gen = runner.generate(floor_dir, cfg.size, cfg.frames, cfg.steps, cfg.guidance_scale)
         sources["floor"] = evaluate_physics(floor_gen, cases, "untrained").accuracy()
     return {
         "acceptance": acceptance,
         "physics_accuracy": sources,
         "physics_cases_per_process": cfg.eval_per_process,
-        "generation": benchmark_generation(model_dir, cfg.bench_repeats),
+        "generation": runner.benchmark(model_dir, cfg.bench_repeats),
     }
 
 
@@ -336,7 +319,8 @@ def compare_metrics(new: dict, ref: dict) -> list[str]:
     problems = []
     for name, ref_check in ref["acceptance"].items():
         got = new["acceptance"][name]
-        if abs(got["passed"] - ref_check["passed"]) > TOLERANCE["acceptance_seeds"] or (ref_check["ok"] and not got["ok"]):
+        moved = abs(got["passed"] - ref_check["passed"]) > TOLERANCE["acceptance_seeds"]
+        if moved or (ref_check["ok"] and not got["ok"]):
             problems.append(f"{name}: {got['passed']}/{got['n']} vs reference {ref_check['passed']}/{ref_check['n']}")
     got, acc = new["physics_accuracy"]["model"]["overall"], ref["physics_accuracy"]["model"]["overall"]
     if abs(got - acc) > TOLERANCE["overall_accuracy_points"]:
@@ -351,9 +335,11 @@ def loss_summary(train_dir: Path) -> dict:
     """First and last tenth of the DiT loss curve."""
     import csv
 
-    losses = [float(r["loss"]) for r in csv.DictReader(open(train_dir / "loss.csv"))]
+    with open(train_dir / "loss.csv", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
     n = max(1, len(losses) // 10)
-    return {"steps": len(losses), "loss_first": statistics.fmean(losses[:n]), "loss_last": statistics.fmean(losses[-n:])}
+    first, last = statistics.fmean(losses[:n]), statistics.fmean(losses[-n:])
+    return {"steps": len(losses), "loss_first": first, "loss_last": last}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,20 +350,51 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+_CARD_SOURCES = {"model": "this model", "ceiling": "simulator (ceiling)", "vae": "simulator through the VAE",
+                 "floor": "untrained (floor)"}  # fmt: skip
+"""Columns of the card's physics table, in order, and their headings."""
+
+
+def _accuracy_table(acc: dict[str, dict[str, float]]) -> str:
+    """Physics accuracy per process (rows) and source (columns)."""
+    cols = [c for c in _CARD_SOURCES if c in acc]
+    lines = ["| process | " + " | ".join(_CARD_SOURCES[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {proc} | " + " | ".join(_pct(acc[c].get(proc, 0.0)) for c in cols) + " |" for proc in acc["model"]]
+    return "\n".join(lines)
+
+
+def _acceptance_rows(acceptance: dict[str, dict]) -> str:
+    return "\n".join(
+        f"| {name} | {a['passed']}/{a['n']} | {a['required']}/{a['n']} | {'yes' if a['ok'] else 'no'} |"
+        for name, a in acceptance.items()
+    )
+
+
+def _stage_rows(cfg: DemoConfig, metrics: dict) -> str:
+    """Rows of the card's stage table: what each stage did and its wall time."""
+    vae, tr, t = metrics["vae"], metrics["training"], metrics["timings"]
+    crops = f"{cfg.frames}x{cfg.vae.crop_size}x{cfg.vae.crop_size}"
+    vae_what = (f"{vae['parameters'] / 1e6:.2f} M-parameter VAE, {cfg.vae.steps} steps on {crops} crops; "
+                f"PSNR {vae['psnr_start']:.1f} -> {vae['psnr_end']:.1f} dB")  # fmt: skip
+    decay = f" (decay over the last {cfg.decay_steps} steps)" if cfg.decay_steps else ""
+    dit_what = (f"{metrics['dit_parameters'] / 1e6:.2f} M-parameter DiT, {tr['steps']} steps of {cfg.batch_size} clips "
+                f"(flow matching with logit-normal timesteps of mean {cfg.logit_mean}, full, AdamW at {cfg.lr:g}, "
+                f"{cfg.lr_schedule.replace('_', ' ')} schedule{decay}, EMA {cfg.ema_decay}), latent caching included; "
+                f"loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}")  # fmt: skip
+    return "\n".join([
+        f"| data | render and encode {cfg.clips} clips | {t['data']:.0f} |",
+        f"| vae | {vae_what} | {t['vae']:.0f} |",
+        f"| dit | {dit_what} | {t['dit']:.0f} |",
+        f"| **training** | data + vae + dit (the 45-minute budget) | **{t['data'] + t['vae'] + t['dit']:.0f}** |",
+        f"| eval | acceptance checks, physics evaluation, generation benchmark | {t['eval']:.0f} |",
+    ])  # fmt: skip
+
+
 def model_card(cfg: DemoConfig, metrics: dict) -> str:
     """README.md of the demo model."""
-    acc = metrics["physics_accuracy"]
-    cols = [c for c in ("model", "ceiling", "vae", "floor") if c in acc]
-    labels = {"model": "this model", "ceiling": "simulator (ceiling)", "vae": "simulator through the VAE",
-              "floor": "untrained (floor)"}
-    rows = "\n".join(
-        f"| {proc} | " + " | ".join(_pct(acc[c].get(proc, 0.0)) for c in cols) + " |" for proc in acc["model"]
-    )
-    acceptance = "\n".join(
-        f"| {name} | {a['passed']}/{a['n']} | {a['required']}/{a['n']} | {'yes' if a['ok'] else 'no'} |"
-        for name, a in metrics["acceptance"].items()
-    )
-    gen, vae, tr, t = metrics["generation"], metrics["vae"], metrics["training"], metrics["timings"]
+    gen = metrics["generation"]
+    looks = f"{' and '.join(cfg.looks)} look{'s' if len(cfg.looks) > 1 else ''}"
+    shape = "x".join(str(n) for n in gen["shape"])
     return f"""# {cfg.name}
 
 A small Wan2.1-architecture text-to-video model (diffusers `WanPipeline`: `AutoencoderKLWan`,
@@ -388,8 +405,8 @@ default model: it makes {cfg.frames}-frame {cfg.size}x{cfg.size} microscopy-like
 from text. It knows only the simulator's vocabulary and looks; it is a demo, not a scientific model.
 
 ## Data
-{cfg.clips} clips from `training.simulator` (seed {cfg.seed}, {cfg.size}x{cfg.size}, {cfg.frames} frames at
-{cfg.fps} fps, {' and '.join(cfg.looks)} look{'s' if len(cfg.looks) > 1 else ''}), captions from the simulator's templates, with the
+{cfg.clips} clips from the `simulator` package (seed {cfg.seed}, {cfg.size}x{cfg.size}, {cfg.frames} frames at
+{cfg.fps} fps, {looks}), captions from the simulator's templates, with the
 ", fluorescence microscopy" suffix removed from {_pct(cfg.short_caption_fraction)} of the fluorescence
 clips' captions: a prompt that names no look gets the fluorescence look. The DiT draws each clip of
 {', '.join(f'{p} {n} times' for p, n in cfg.process_repeat.items())} per epoch (the others once).
@@ -399,11 +416,7 @@ Stages and wall time on this machine ({metrics['machine']}):
 
 | stage | what | seconds |
 |---|---|---|
-| data | render and encode {cfg.clips} clips | {t['data']:.0f} |
-| vae | {vae['parameters'] / 1e6:.2f} M-parameter VAE, {cfg.vae.steps} steps on {cfg.frames}x{cfg.vae.crop_size}x{cfg.vae.crop_size} crops; PSNR {vae['psnr_start']:.1f} -> {vae['psnr_end']:.1f} dB | {t['vae']:.0f} |
-| dit | {metrics['dit_parameters'] / 1e6:.2f} M-parameter DiT, {tr['steps']} steps of {cfg.batch_size} clips (flow matching with logit-normal timesteps of mean {cfg.logit_mean}, full, AdamW at {cfg.lr:g}, {cfg.lr_schedule.replace('_', ' ')} schedule{f' (decay over the last {cfg.decay_steps} steps)' if cfg.decay_steps else ''}, EMA {cfg.ema_decay}), latent caching included; loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f} | {t['dit']:.0f} |
-| **training** | data + vae + dit (the 45-minute budget) | **{t['data'] + t['vae'] + t['dit']:.0f}** |
-| eval | acceptance checks, physics evaluation, generation benchmark | {t['eval']:.0f} |
+{_stage_rows(cfg, metrics)}
 
 ![loss curve](loss.png)
 
@@ -414,18 +427,16 @@ Issue-5 acceptance checks ({cfg.steps} UniPC steps, CFG {cfg.guidance_scale}, th
 
 | check | passed | required | ok |
 |---|---|---|---|
-{acceptance}
+{_acceptance_rows(metrics["acceptance"])}
 
 Physics accuracy on {metrics['physics_cases_per_process']} held-out simulator prompts per process
 (`evaluation.physics`; the ceiling is the simulator's own clip for the same prompt, encoded and decoded
 by this model's VAE in the next column, which bounds what any model decoding with it can show; the
 floor is this pipeline before DiT training):
 
-| process | {' | '.join(labels[c] for c in cols)} |
-|---|{'---|' * len(cols)}
-{rows}
+{_accuracy_table(metrics["physics_accuracy"])}
 
-Generation of the demo clip ({gen['shape'][0]}x{gen['shape'][1]}x{gen['shape'][2]}, {gen['steps']} steps, CFG) through the
+Generation of the demo clip ({shape}, {gen['steps']} steps, CFG) through the
 serving engine on {gen['threads']} CPU threads: **{gen['seconds_median']:.2f} s** (median of {len(gen['seconds'])}).
 
 ## Reproduce
@@ -463,12 +474,14 @@ class _Stages:
         return result
 
 
-def build_demo(cfg: DemoConfig, out_dir: str | Path, reference: str | Path | None = None) -> dict:
+def build_demo(
+    cfg: DemoConfig, out_dir: str | Path, runner: ModelRunner, reference: str | Path | None = None
+) -> dict:
     """Run every stage into ``out_dir``; returns the metrics (also in ``out_dir/model/demo_metrics.json``).
 
-    A finished build is not redone. With ``reference`` (a model folder holding ``demo_metrics.json``),
-    the metrics are compared with its own and the differences beyond :data:`TOLERANCE` listed under
-    ``reproduction``.
+    ``runner`` generates from and times the checkpoints in the evaluation stage. A finished build is not
+    redone. With ``reference`` (a model folder holding ``demo_metrics.json``), the metrics are compared with
+    its own and the differences beyond :data:`TOLERANCE` listed under ``reproduction``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,15 +489,16 @@ def build_demo(cfg: DemoConfig, out_dir: str | Path, reference: str | Path | Non
     if (model / METRICS_FILE).exists():  # a finished build: nothing to redo
         metrics = json.loads((model / METRICS_FILE).read_text())
     else:
-        metrics = _build(cfg, out, _Stages(out))
+        metrics = _build(cfg, out, _Stages(out), runner)
     ref = Path(reference) / METRICS_FILE if reference else None
     if ref is not None and ref.exists() and ref.resolve() != (model / METRICS_FILE).resolve():
-        metrics["reproduction"] = {"reference": str(ref), "problems": compare_metrics(metrics, json.loads(ref.read_text()))}
+        problems = compare_metrics(metrics, json.loads(ref.read_text()))
+        metrics["reproduction"] = {"reference": str(ref), "problems": problems}
         (model / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _build(cfg: DemoConfig, out: Path, stage: _Stages) -> dict:
+def _build(cfg: DemoConfig, out: Path, stage: _Stages, runner: ModelRunner) -> dict:
     """Every stage, then the model folder's metrics, loss curve and card."""
     import platform
 
@@ -497,11 +511,11 @@ def _build(cfg: DemoConfig, out: Path, stage: _Stages) -> dict:
     init = make_init(cfg, out / "vae", out / "init")
     final = stage("dit", lambda: train(train_config(cfg, data, init, out / "train")))
     model = assemble(init, final, out / "model")
-    metrics = stage("eval", lambda: evaluate_model(model, cfg, floor_dir=init))
+    metrics = stage("eval", lambda: evaluate_model(model, cfg, runner, floor_dir=init))
     dit_params = sum(p.numel() for p in WanTransformer3DModel.from_pretrained(model / "transformer").parameters())
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     metrics.update(vae={k: v for k, v in vae.items() if k != "config"}, training=loss_summary(out / "train"),
-                   dit_parameters=dit_params, timings=stage.timings, config=asdict(cfg),
-                   machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")  # fmt: skip
+                   dit_parameters=dit_params, timings=stage.timings, config=asdict(cfg), machine=machine)  # fmt: skip
     (model / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     shutil.copy(out / "train" / "loss.png", model / "loss.png")
     (model / "README.md").write_text(model_card(cfg, metrics))

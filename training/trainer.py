@@ -18,13 +18,16 @@ import gc
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from media.video import write_mp4
 from training.config import ModelConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from training.convert import diffusers_to_original_keys, lora_diffusers_to_upstream, save_diffusers_lora
 from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples, encoder_key
@@ -52,14 +55,19 @@ def build_lr_scheduler(optim: OptimConfig, optimizer: torch.optim.Optimizer, max
     if optim.schedule != "warmup_stable_decay":
         from diffusers.optimization import get_scheduler
 
-        return get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=max_steps)
+        return get_scheduler(
+            optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=max_steps
+        )
     from transformers import get_wsd_schedule
 
     warmup, decay = optim.warmup_steps, optim.decay_steps
     if not 0 < decay <= max_steps - warmup:
-        raise ValueError(f"optim.decay_steps must be in 1..max_steps - warmup_steps ({max_steps - warmup}), got {decay}")
-    return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=max_steps,
-                            decay_type="linear")
+        raise ValueError(
+            f"optim.decay_steps must be in 1..max_steps - warmup_steps ({max_steps - warmup}), got {decay}"
+        )
+    return get_wsd_schedule(
+        optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=max_steps, decay_type="linear"
+    )
 
 
 def prepare_transformer(transformer, cfg: ModelConfig):
@@ -71,7 +79,12 @@ def prepare_transformer(transformer, cfg: ModelConfig):
 
         transformer.requires_grad_(False)
         transformer.add_adapter(
-            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), init_lora_weights=True)
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=list(cfg.lora_targets),
+                init_lora_weights=True,
+            )
         )
         cast_training_params(transformer, dtype=torch.float32)
     elif cfg.mode == "full":
@@ -109,7 +122,11 @@ class Trainer:
 
         self.encoder_key = encoder_key(cfg.model.pretrained)
         self.samples = build_samples(
-            cfg.data.dataset, cfg.data.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length,
+            cfg.data.dataset,
+            cfg.data.buckets,
+            self.cache_dir,
+            self.encoder_key,
+            cfg.model.text_max_length,
             cfg.data.repeat_by,
         )
         if not self.samples:
@@ -121,7 +138,13 @@ class Trainer:
         logger.info("%s fine-tune: %d trainable parameters", cfg.model.mode, sum(p.numel() for p in self.params))
 
         self.optimizer = acc.prepare(
-            torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+            torch.optim.AdamW(
+                self.params,
+                lr=cfg.optim.lr,
+                betas=cfg.optim.betas,
+                eps=cfg.optim.eps,
+                weight_decay=cfg.optim.weight_decay,
+            )
         )
         # Not passed to prepare(): accelerate would step it once per process.
         self.lr_scheduler = build_lr_scheduler(cfg.optim, self.optimizer, cfg.max_steps)
@@ -142,9 +165,7 @@ class Trainer:
         if len(self.sampler) == 0:
             raise ValueError("fewer batches than processes: lower batch_size or add clips")
         dataset = CachedDataset(self.samples, self.prompt_embeds[""], cfg.model.text_max_length)
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=cfg.data.num_workers
-        )
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=cfg.data.num_workers)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -165,10 +186,19 @@ class Trainer:
         if ready:
             return {p: cached[keys[p]] for p in prompts}
         pipe = WanPipeline.from_pretrained(
-            cfg.model.pretrained, transformer=None, dtype={"text_encoder": _dtype(cfg.model.base_dtype), "default": torch.float32}
+            cfg.model.pretrained,
+            transformer=None,
+            dtype={"text_encoder": _dtype(cfg.model.base_dtype), "default": torch.float32},
         )
-        embeds = build_cache(self.accelerator, pipe, missing, self.cache_dir, cfg.model.text_max_length,
-                             cfg.validation_prompts, batch_size=cfg.data.cache_batch_size)
+        embeds = build_cache(
+            self.accelerator,
+            pipe,
+            missing,
+            self.cache_dir,
+            cfg.model.text_max_length,
+            cfg.validation_prompts,
+            batch_size=cfg.data.cache_batch_size,
+        )
         if self.accelerator.is_main_process:
             save_file({keys[p]: e.contiguous() for p, e in embeds.items()}, str(prompts_file))
             meta_file.write_text(json.dumps([prompts, self.encoder_key]))
@@ -186,7 +216,9 @@ class Trainer:
 
         cfg = self.cfg.model
         dtype = _dtype(cfg.base_dtype) if cfg.mode == "lora" else torch.float32
-        return prepare_transformer(WanTransformer3DModel.from_pretrained(cfg.pretrained, subfolder="transformer", dtype=dtype), cfg)
+        return prepare_transformer(
+            WanTransformer3DModel.from_pretrained(cfg.pretrained, subfolder="transformer", dtype=dtype), cfg
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -225,7 +257,12 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         torch.save(
-            {"step": self.step, "epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()},
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "position": self.position,
+                "generator": self.generator.get_state(),
+            },
             tmp / f"trainer_state_{acc.process_index}.pt",
         )
         self.export(tmp / "export")
@@ -274,7 +311,10 @@ class Trainer:
                 if cfg.write_upstream:
                     upstream = diffusers_to_original_keys(state)
             if cfg.write_upstream:
-                save_file({k: v.detach().cpu().contiguous() for k, v in upstream.items()}, str(out_dir / f"step-{self.step}.safetensors"))
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in upstream.items()},
+                    str(out_dir / f"step-{self.step}.safetensors"),
+                )
             info = {
                 "kind": cfg.model.mode,
                 "base_model": cfg.model.pretrained,
@@ -337,7 +377,27 @@ class Trainer:
         """Train to ``max_steps`` (or stop after ``until_step`` with a checkpoint, e.g. to fit a job's
         time limit); returns the final export folder, or the last checkpoint when stopped early."""
         cfg, acc = self.cfg, self.accelerator
-        resume = None if cfg.resume == "none" else latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
+        self._begin()
+        target = min(cfg.max_steps, until_step or cfg.max_steps)
+        batches = self._micro_batches()
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process)
+        while self.step < target:
+            total = self._optimizer_step(batches)
+            self.step += 1
+            progress.update(1)
+            self._after_step(total, target, progress)
+        progress.close()
+        if self.step < cfg.max_steps:
+            acc.end_training()
+            return latest_checkpoint(self.out)
+        return self._finish()
+
+    def _begin(self) -> None:
+        """Resume as ``cfg.resume`` says, save the config, trim the loss log to the resumed step, start trackers."""
+        cfg, acc = self.cfg, self.accelerator
+        resume = (
+            None if cfg.resume == "none" else latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
+        )
         if resume is not None:
             self.load_checkpoint(resume)
         if acc.is_main_process:
@@ -345,39 +405,42 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         self._truncate_csv()
         acc.init_trackers(cfg.name)
-        target = min(cfg.max_steps, until_step or cfg.max_steps)
-        batches = self._micro_batches()
-        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process)
-        while self.step < target:
-            self.model.train()
-            total = torch.zeros((), device=acc.device)
-            for i in range(cfg.grad_accum):
-                sync = nullcontext() if i == cfg.grad_accum - 1 else acc.no_sync(self.model)
-                with sync:
-                    loss = self._loss(next(batches))
-                    acc.backward(loss / cfg.grad_accum)
-                total += loss.detach() / cfg.grad_accum
-            if cfg.optim.max_grad_norm:
-                acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.step(self.params)
-            self.step += 1
-            progress.update(1)
-            if self.step % cfg.log_every == 0:
-                loss_value = acc.reduce(total, "mean").item()
-                progress.set_postfix(loss=f"{loss_value:.4f}")
-                self._log(loss_value)
-            if self.step % cfg.checkpoint_every == 0 or self.step == target:
-                self.save_checkpoint()
-            if cfg.validation_every and self.step % cfg.validation_every == 0:
-                self.validate()
-        progress.close()
-        if self.step < cfg.max_steps:
-            acc.end_training()
-            return latest_checkpoint(self.out)
+
+    def _optimizer_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches (gradients synced on the last); returns their loss."""
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        total = torch.zeros((), device=acc.device)
+        for i in range(cfg.grad_accum):
+            sync = nullcontext() if i == cfg.grad_accum - 1 else acc.no_sync(self.model)
+            with sync:
+                loss = self._loss(next(batches))
+                acc.backward(loss / cfg.grad_accum)
+            total += loss.detach() / cfg.grad_accum
+        if cfg.optim.max_grad_norm:
+            acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total
+
+    def _after_step(self, total: torch.Tensor, target: int, progress: tqdm) -> None:
+        """Log, checkpoint and validate when the new step calls for it."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0:
+            loss_value = self.accelerator.reduce(total, "mean").item()
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            self._log(loss_value)
+        if self.step % cfg.checkpoint_every == 0 or self.step == target:
+            self.save_checkpoint()
+        if cfg.validation_every and self.step % cfg.validation_every == 0:
+            self.validate()
+
+    def _finish(self) -> Path:
+        """At ``max_steps``: export, validate unless the last step just did, plot the loss; returns the export."""
+        cfg, acc = self.cfg, self.accelerator
         final = self.export(self.out / "final")
         if cfg.validation_prompts and not (cfg.validation_every and self.step % cfg.validation_every == 0):
             self.validate()
@@ -395,11 +458,12 @@ class Trainer:
         paths = []
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Sharded weights: one process cannot run the DiT alone; render from the export instead.
-            logger.warning("validation videos are skipped under %s; render from the exported checkpoint", acc.distributed_type)
+            logger.warning(
+                "validation videos are skipped under %s; render from the exported checkpoint", acc.distributed_type
+            )
             return paths
         if acc.is_main_process and cfg.validation_prompts:
             from diffusers import WanPipeline
-            from diffusers.utils import export_to_video
 
             model = acc.unwrap_model(self.model)
             if self.ema is not None:
@@ -426,8 +490,8 @@ class Trainer:
                         num_inference_steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
                         generator=torch.Generator().manual_seed(cfg.seed + i), output_type="np",
                     ).frames[0]  # fmt: skip
-                out_dir.mkdir(parents=True, exist_ok=True)
-                paths.append(Path(export_to_video(list(video), str(out_dir / f"{i:02d}.mp4"), fps=cfg.validation_fps)))
+                clip = (video * 255).astype(np.uint8)  # float [0, 1] frames to uint8, as diffusers' export_to_video
+                paths.append(write_mp4(out_dir / f"{i:02d}.mp4", clip, cfg.validation_fps))
             self.vae.to("cpu")
             if self.ema is not None:
                 self.ema.restore(self.params)
@@ -448,9 +512,9 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
     steps = np.array([int(r["step"]) for r in rows])
     loss = np.array([float(r["loss"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))

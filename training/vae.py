@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from media.video import read_video, resize_crop
+
 from .dataset import read_metadata
-from .video import read_video, resize_crop
 
 logger = logging.getLogger(__name__)
 

@@ -1,36 +1,27 @@
-"""Fixtures of the evaluation tests: the published benchmark, tiny videos, a loopback judge."""
+"""Fixtures of the evaluation tests: the synthetic benchmark loaded, tiny videos, a loopback judge."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
-from evaluation.benchmark import Benchmark, load_benchmark
 from evaluation.fake_judge import FakeJudgeServer
 from evaluation.judge import JudgeConfig
+from evaluation.microworldbench import DIMENSIONS, Benchmark, load_benchmark
+from media.video import write_mp4
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BENCH_DIR = REPO_ROOT / ".." / "shared" / "microworldbench"
 
 
 def write_video(path: Path, n_frames: int = 16, size: int = 32, seed: int = 0) -> Path:
-    """Write an mp4 whose frame i is a flat grey of level 10 * i (plus a seeded tint)."""
-    tint = seed % 50
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for i in range(n_frames):
-            frame = np.full((size, size, 3), 10 * i, dtype=np.uint8)
-            frame[..., 2] = np.uint8(tint)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    """Write an mp4 at 8 fps whose frame i is a flat grey of level 10 * i (plus a seeded tint)."""
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    frames[:] = (10 * np.arange(n_frames)).astype(np.uint8)[:, None, None, None]
+    frames[..., 2] = seed % 50
+    return write_mp4(path, frames, fps=8, crf=10)
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +32,40 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def bench_dir() -> Path:
-    """The published benchmark files beside the repository."""
-    return BENCH_DIR
-
-
-@pytest.fixture(scope="session")
 def make_video():
     """``make_video(path, n_frames=16, size=32, seed=0)`` writes a tiny mp4."""
     return write_video
 
 
 @pytest.fixture(scope="session")
-def bench() -> Benchmark:
-    if not BENCH_DIR.is_dir():
-        pytest.fail(f"shared benchmark files not found at {BENCH_DIR}")
-    return load_benchmark(BENCH_DIR)
+def bench(bench_dir: Path) -> Benchmark:
+    """The synthetic benchmark (``bench_dir``), loaded."""
+    return load_benchmark(bench_dir)
+
+
+def _naive_scores(entry: dict, judgements: dict[str, list[int]]) -> tuple[dict[str, float], float]:
+    """Straight from the published JSON: pair k-th criterion (any numbering) with k-th judgement."""
+    total_r = total_m = 0.0
+    dims = {}
+    for dim in DIMENSIONS:
+        block = entry[f"rubrics_{dim}"]
+        nums = sorted(int(k[1:]) for k in block if k.startswith("s"))
+        r = sum(
+            x * (1 if block[f"s{n}"] == "+1" else -1) * float(block[f"w{n}"])
+            for x, n in zip(judgements[dim], nums, strict=True)
+        )
+        m = sum(float(block[f"w{n}"]) for n in nums if block[f"s{n}"] == "+1")
+        dims[dim] = max(0.0, r / m) * 100
+        total_r += r
+        total_m += m
+    return dims, max(0.0, total_r / total_m) * 100
+
+
+@pytest.fixture(scope="session")
+def naive_scores():
+    """``naive_scores(norm_entry, judgements) -> (dimension scores, task score)``: the published formula
+    applied to one entry of ``MWBenchRubrics_norm.json`` as written, to check the loader and scorer against."""
+    return _naive_scores
 
 
 @pytest.fixture()

@@ -13,21 +13,20 @@ from evaluation.physics import (
     ACCEPTANCE_PROMPTS,
     HELDOUT_SEED,
     acceptance_checks,
-    analyse,
     check_process,
-    detect_blobs,
     evaluate_physics,
     heldout_cases,
-    link_tracks,
     load_vae,
-    load_video,
-    msd_diffusion,
     physics_command,
     simulator_generate,
     simulator_prompt_generate,
     through_vae,
 )
-from training.simulator import encode_mp4, render_clip, write_dataset
+from media.video import write_mp4
+from microverse.cli import main
+from simulator.analysis import analyse, detect_blobs, link_tracks, load_video, msd_diffusion
+from simulator.dataset import write_dataset
+from simulator.render import render_clip
 
 
 def _clips_with(process: str, n: int, **where):
@@ -52,7 +51,7 @@ def test_acceptance_mitosis_one_then_two_cells(tmp_path):
     seen = 0
     for clip in _clips_with("mitosis", 10):
         path = tmp_path / f"{clip.seed}.mp4"
-        encode_mp4(clip.frames, path)
+        write_mp4(path, clip.frames, 16)
         for video in (clip.frames, path):
             seen += _early_late(analyse(video).counts) == (1, 2)
     assert seen == 20
@@ -63,7 +62,7 @@ def test_acceptance_diffusing_versus_flowing_right():
     diffusing = _clips_with("diffusion", 10)
     flowing = _clips_with("blood_flow", 10, direction="right")
     ok = 0
-    for d, f in zip(diffusing, flowing):
+    for d, f in zip(diffusing, flowing, strict=True):
         vd, vf = np.asarray(analyse(d.frames).velocity), np.asarray(analyse(f.frames).velocity)
         ok += np.linalg.norm(vd) < 0.75 and vf[0] > 0.8 and abs(vf[1]) < 0.3 and vf[0] - vd[0] > 0.8
     assert ok == 10
@@ -143,7 +142,7 @@ def test_load_video_inputs(tmp_path):
     clip = render_clip("mitosis", 0)
     assert load_video(clip.frames / 255.0).dtype == np.uint8
     assert load_video(clip.frames[..., 0]).shape == (17, 64, 64, 3)
-    encode_mp4(clip.frames, tmp_path / "c.mp4")
+    write_mp4(tmp_path / "c.mp4", clip.frames, 16)
     assert load_video(tmp_path / "c.mp4").shape == (17, 64, 64, 3)
 
 
@@ -227,12 +226,18 @@ def test_physics_command_simulator_and_videos(tmp_path):
     assert _check_outputs(tmp_path / "vid", ["videos:clips"], acceptance=False)["videos:clips"]["overall"] == 1.0
 
 
+def test_physics_command_model_needs_the_serving_engine(tmp_path):
+    """Evaluation never imports the serving package: ``--model`` works only through ``microverse eval physics``."""
+    res = CliRunner().invoke(physics_command, ["--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "microverse eval physics" in res.output
+
+
 @pytest.mark.slow
 def test_physics_command_untrained_model_floor(tmp_path, tiny_model_dir):
     model = tiny_model_dir  # seeded random weights: the untrained floor
     args = ["--source", "simulator", "--model", str(model), "--vae", str(model / "vae"), "--processes", "mitosis"]
     args += ["--acceptance-seeds", "1", "--n-per-process", "1", "--steps", "1", "--out", str(tmp_path / "out")]
-    res = CliRunner().invoke(physics_command, args)
+    res = CliRunner().invoke(main, ["eval", "physics", *args])
     assert res.exit_code == 0, res.output
     acc = _check_outputs(tmp_path / "out", ["simulator", "vae:vae", f"model:{model.name}"])
     assert acc["simulator"]["overall"] == 1.0

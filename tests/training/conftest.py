@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from training_test_media import blobs, debug_config
 
+from media.video import write_mp4 as write_video
 from training.trainer import train
-from training.video import write_video
 
 PROMPTS = ("cells dividing", "blood flowing in a vessel", "bacteria swimming toward source", "vesicles moving along microtubule")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from microverse.tiny import save_tiny_pipeline
+    from microverse.tools.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-wan")
 

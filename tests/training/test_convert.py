@@ -18,7 +18,7 @@ from training.convert import (
 
 
 def _transformer():
-    from microverse.tiny import TinyWanConfig, build_tiny_pipeline
+    from microverse.tools.tiny import TinyWanConfig, build_tiny_pipeline
 
     return build_tiny_pipeline(TinyWanConfig()).transformer
 

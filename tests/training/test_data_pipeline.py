@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from training_test_media import blobs, colour_bars, debug_config
 
+from media.video import read_video
+from media.video import write_mp4 as write_video
 from training.cli import data_group
 from training.data.classifier import ClassifierConfig, VideoClassifier, train_classifier
 from training.data.pipeline import DataPipelineConfig, build_dataset, motion_score
 from training.trainer import train
-from training.video import read_video, write_video
 
 SIZE = (48, 64)  # raw videos: 64x48 at 24 fps
 FAKE_CAPTION = "a time-lapse of fluorescent cells moving"

@@ -6,14 +6,17 @@ import json
 import shutil
 
 import numpy as np
+from click.testing import CliRunner
 
-from evaluation.physics import wan_generate
-from training.demo import METRICS_FILE, build_demo, compare_metrics, demo_debug_config
+from microverse.loading import DEFAULTS_FILE, ModelDefaults, read_defaults
+from microverse.sources import engine_generate, model_runner
+from training.cli import main as training_main
+from training.demo import METRICS_FILE, build_demo, compare_metrics, demo_debug_config, write_defaults
 
 
 def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     cfg = demo_debug_config()
-    metrics = build_demo(cfg, tmp_path, reference=None)
+    metrics = build_demo(cfg, tmp_path, model_runner(), reference=None)
     model = tmp_path / "model"
     assert set(metrics["timings"]) == {"data", "vae", "dit", "eval"}
     assert metrics["training"]["steps"] == cfg.train_steps
@@ -23,14 +26,14 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     assert (model / "README.md").read_text().startswith("# microverse-demo-debug")
     rows = json.loads((tmp_path / "data" / "metadata.json").read_text())
     assert any("microscopy" not in r["prompt"] for r in rows) and any("microscopy" in r["prompt"] for r in rows)
-    frames = wan_generate(model, cfg.size, cfg.frames, cfg.steps)("a cell divides into two daughter cells", 0)
+    frames = engine_generate(model, cfg.size, cfg.frames, cfg.steps)("a cell divides into two daughter cells", 0)
     assert frames.shape == (cfg.frames, cfg.size, cfg.size, 3)
     # A re-run reuses every finished stage (no retraining) and lands on the same metrics.
     before = (tmp_path / "train" / "loss.csv").read_text()
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     shutil.copy(model / METRICS_FILE, shipped)
-    again = build_demo(cfg, tmp_path, reference=shipped)
+    again = build_demo(cfg, tmp_path, model_runner(), reference=shipped)
     assert (tmp_path / "train" / "loss.csv").read_text() == before
     assert again["timings"] == metrics["timings"]
     assert again["reproduction"]["problems"] == []
@@ -50,3 +53,22 @@ def test_compare_metrics_names_what_is_out_of_tolerance():
     worse["training"]["loss_last"] = np.float64(0.25)
     problems = compare_metrics(worse, ref)
     assert len(problems) == 3 and problems[1] == "overall physics accuracy: 0.60 vs reference 0.80"
+
+
+def test_written_defaults_load_through_the_service(tmp_path):
+    """Training writes ``microverse_defaults.json`` without importing the serving package; the service reads
+    every field of it back."""
+    cfg = demo_debug_config()
+    write_defaults(cfg, tmp_path)
+    assert (tmp_path / DEFAULTS_FILE).is_file()
+    assert set(json.loads((tmp_path / DEFAULTS_FILE).read_text())) == set(ModelDefaults.__dataclass_fields__)
+    assert read_defaults(str(tmp_path)) == ModelDefaults(
+        height=cfg.size, width=cfg.size, num_frames=cfg.frames, num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale, fps=cfg.fps, max_sequence_length=cfg.model.max_sequence_length,
+    )  # fmt: skip
+
+
+def test_demo_commands_need_the_serving_engine(tmp_path):
+    """Without ``microverse.cli``'s context object, the commands that run checkpoints say where to run them."""
+    res = CliRunner().invoke(training_main, ["train", "demo-bench", str(tmp_path)])
+    assert res.exit_code == 2 and "microverse train demo-bench" in res.output

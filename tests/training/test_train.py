@@ -43,14 +43,22 @@ def test_overfit_loss_falls(run, request):
 
 def test_lora_checkpoint_layout_and_validation(lora_run):
     ckpt = lora_run / "checkpoints" / "step-0000200"
-    for name in ("trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state_0.pt", "export/pytorch_lora_weights.safetensors"):
+    for name in (
+        "trainable.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "trainer_state_0.pt",
+        "export/pytorch_lora_weights.safetensors",
+    ):
         assert (ckpt / name).exists(), name
     trainable = load_file(str(ckpt / "trainable.safetensors"))
     assert trainable and all("lora_" in k for k in trainable)  # the frozen base is not duplicated
     info = json.loads((lora_run / "final" / "microverse_checkpoint.json").read_text())
     assert info["kind"] == "lora" and info["step"] == 200 and info["lora_rank"] == 8
     upstream = load_file(str(lora_run / "final" / "step-200.safetensors"))
-    assert "blocks.0.self_attn.q.lora_A.default.weight" in upstream and "blocks.1.ffn.2.lora_B.default.weight" in upstream
+    assert (
+        "blocks.0.self_attn.q.lora_A.default.weight" in upstream and "blocks.1.ffn.2.lora_B.default.weight" in upstream
+    )
     assert len(upstream) == 2 * 2 * 2 * 4 + 2 * 2 * 2  # 2 blocks x (2 attn x 4 proj + 2 ffn) x (A, B)
     videos = sorted((lora_run / "validation").rglob("*.mp4"))
     assert [v.parent.name for v in videos] == ["step-0000100", "step-0000200"]
@@ -65,7 +73,9 @@ def test_lora_export_reproduces_trained_model(lora_run, tiny_model):
     trained = WanTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
     cfg = load_config(str(lora_run / "config.yaml"))
     trained.add_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=list(cfg.model.lora_targets)))
-    trained.load_state_dict(load_file(str(lora_run / "final" / "../checkpoints/step-0000200/trainable.safetensors")), strict=False)
+    trained.load_state_dict(
+        load_file(str(lora_run / "final" / "../checkpoints/step-0000200/trainable.safetensors")), strict=False
+    )
     pipe = WanPipeline.from_pretrained(tiny_model)
     pipe.load_lora_weights(lora_run / "final")
     base = WanTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
@@ -85,10 +95,14 @@ def test_full_export_formats(full_run, tiny_model, tmp_path):
 
     final = WanTransformer3DModel.from_pretrained(full_run / "final" / "transformer")
     base = WanTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
-    assert any((a - b).abs().max() > 0 for a, b in zip(final.state_dict().values(), base.state_dict().values()))
+    assert any(
+        (a - b).abs().max() > 0 for a, b in zip(final.state_dict().values(), base.state_dict().values(), strict=True)
+    )
     upstream = load_file(str(full_run / "final" / "step-200.safetensors"))
     assert "blocks.0.self_attn.q.weight" in upstream and "head.head.weight" in upstream
-    back = convert_checkpoint(full_run / "final" / "step-200.safetensors", tmp_path / "back", to="diffusers", base=str(tiny_model))
+    back = convert_checkpoint(
+        full_run / "final" / "step-200.safetensors", tmp_path / "back", to="diffusers", base=str(tiny_model)
+    )
     restored = WanTransformer3DModel.from_pretrained(back).state_dict()
     assert all(torch.equal(v, restored[k]) for k, v in final.state_dict().items())
 
@@ -127,7 +141,10 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_model, tiny_dataset):
     b = tmp_path / "killed" / "checkpoints" / "step-0000040"
     wa, wb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ea, eb = load_file(str(a / "export/pytorch_lora_weights.safetensors")), load_file(str(b / "export/pytorch_lora_weights.safetensors"))
+    ea, eb = (
+        load_file(str(a / "export/pytorch_lora_weights.safetensors")),
+        load_file(str(b / "export/pytorch_lora_weights.safetensors")),
+    )
     assert all(torch.equal(ea[k], eb[k]) for k in ea)  # EMA weights
     oa, ob = torch.load(a / "optimizer.bin", weights_only=True), torch.load(b / "optimizer.bin", weights_only=True)
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
@@ -140,18 +157,22 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset):
 
     accelerate 1.15's ``--cpu --num_processes 2`` expects mpirun; torchrun-based ``--multi_gpu``
     with ``ACCELERATE_USE_CPU=true`` gives the same two-process gloo (MULTI_CPU) run."""
-    cfg = debug_config(tmp_path / "ddp", tiny_model, tiny_dataset, max_steps=4, checkpoint_every=2, validation_prompts=())
+    cfg = debug_config(
+        tmp_path / "ddp", tiny_model, tiny_dataset, max_steps=4, checkpoint_every=2, validation_prompts=()
+    )
     from training.config import save_config
 
     save_config(cfg, tmp_path / "ddp.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.cli", "train", "--config", str(tmp_path / "ddp.yaml")]  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "training.cli", "train", "--config", str(tmp_path / "ddp.yaml")]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[result.stderr.find("Traceback") :][:4000]
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-0000004"
-    for name in ("trainable.safetensors", "optimizer.bin", "trainer_state_0.pt", "trainer_state_1.pt", "random_states_1.pkl",
-                 "export/pytorch_lora_weights.safetensors", "export/microverse_checkpoint.json"):  # fmt: skip
+    for name in ("trainable.safetensors", "optimizer.bin", "trainer_state_0.pt", "trainer_state_1.pt",
+                 "random_states_1.pkl", "export/pytorch_lora_weights.safetensors",
+                 "export/microverse_checkpoint.json"):  # fmt: skip
         assert (ckpt / name).exists(), name
     ranks = [torch.load(ckpt / f"trainer_state_{r}.pt", weights_only=True) for r in (0, 1)]
     assert [s["step"] for s in ranks] == [4, 4]
@@ -165,7 +186,9 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path, tiny_model, tiny_dat
     """Gradient checkpointing leaves a LoRA run unchanged; bf16 autocast keeps fp32 master weights."""
     runs = {}
     for name, fields in {"plain": {}, "ckpt": {"model__gradient_checkpointing": True}}.items():
-        cfg = debug_config(tmp_path / name, tiny_model, tiny_dataset, max_steps=6, checkpoint_every=6, validation_prompts=(), **fields)
+        cfg = debug_config(
+            tmp_path / name, tiny_model, tiny_dataset, max_steps=6, checkpoint_every=6, validation_prompts=(), **fields
+        )
         train(cfg)
         runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-0000006" / "trainable.safetensors"))
     assert all(torch.allclose(runs["plain"][k], runs["ckpt"][k], atol=1e-6) for k in runs["plain"])

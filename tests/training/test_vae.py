@@ -4,8 +4,8 @@ import json
 
 from click.testing import CliRunner
 
+from simulator.dataset import write_dataset
 from training.cli import train_group
-from training.simulator import write_dataset
 
 
 def test_vae_training_improves_reconstruction_and_saves_latent_stats(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cv2
 
-from training.video import sample_frames
+from media.video import sample_frames
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from training.video import sample_frames
+from media.video import sample_frames
 
 logger = logging.getLogger(__name__)
 

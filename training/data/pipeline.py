@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.video import read_video, resize_crop, valid_frame_count, write_video
+from media.video import read_video, resize_crop, valid_frame_count
+from media.video import write_mp4 as write_video
 
 logger = logging.getLogger(__name__)
 

@@ -149,44 +149,11 @@ def parse_block(
     Returns the criteria in number order and the anomalies found. Raises :class:`RubricError`
     when the block cannot be scored.
     """
-    if not isinstance(block, Mapping) or not block:
-        raise RubricError(f"{where}: expected a non-empty object of d<k>/s<k>/w<k> keys")
-    parts: dict[int, dict[str, Any]] = defaultdict(dict)
-    for key, value in block.items():
-        match = _KEY_RE.match(str(key))
-        if not match:
-            raise RubricError(f"{where}: unexpected key {key!r} (expected d<k>, s<k>, w<k>)")
-        parts[int(match.group(2))][match.group(1)] = value
-    anomalies: list[Anomaly] = []
+    parts = _group_by_number(block, where)
     numbers = sorted(parts)
-    expected = list(range(1, len(numbers) + 1))
-    if numbers != expected:
-        doubled = [int(str(n) * 2) for n in expected]
-        if numbers != doubled:
-            raise RubricError(f"{where}: criteria numbered {numbers}, expected {expected}")
-        anomalies.append(
-            Anomaly(
-                "renumbered_criteria", f"{where}: criteria numbered {numbers}, read as {expected}", index, dimension
-            )
-        )
-    if len(numbers) != 5:
-        anomalies.append(Anomaly("criteria_count", f"{where}: {len(numbers)} criteria instead of 5", index, dimension))
-    criteria: list[Criterion] = []
-    string_weights: list[str] = []
-    for number in numbers:
-        part = parts[number]
-        missing = [k for k in "dsw" if k not in part]
-        if missing:
-            raise RubricError(f"{where}: criterion {number} lacks {', '.join(k + str(number) for k in missing)}")
-        text = part["d"]
-        if not isinstance(text, str) or not text.strip():
-            raise RubricError(f"{where}: d{number} must be a non-empty string")
-        sign = _SIGNS.get(str(part["s"]).strip())
-        if sign is None:
-            raise RubricError(f"{where}: s{number} is {part['s']!r}, expected '+1' or '-1'")
-        if isinstance(part["w"], str):
-            string_weights.append(f"w{number}={part['w']!r}")
-        criteria.append(Criterion(text=text.strip(), sign=sign, weight=_parse_weight(part["w"], f"{where}: w{number}")))
+    anomalies = [Anomaly(kind, detail, index, dimension) for kind, detail in _numbering_defects(numbers, where)]
+    criteria = [_parse_criterion(number, parts[number], where) for number in numbers]
+    string_weights = [f"w{number}={parts[number]['w']!r}" for number in numbers if isinstance(parts[number]["w"], str)]
     if string_weights:
         anomalies.append(
             Anomaly(
@@ -196,6 +163,50 @@ def parse_block(
     if sum(c.weight for c in criteria if c.sign > 0) <= 0:
         raise RubricError(f"{where}: no positive criterion with a weight above 0, the block cannot be scored")
     return tuple(criteria), anomalies
+
+
+def _group_by_number(block: Mapping[str, Any], where: str) -> dict[int, dict[str, Any]]:
+    """``{"d1": ..., "s1": ..., "w1": ...}`` -> ``{1: {"d": ..., "s": ..., "w": ...}}``; other keys are an error."""
+    if not isinstance(block, Mapping) or not block:
+        raise RubricError(f"{where}: expected a non-empty object of d<k>/s<k>/w<k> keys")
+    parts: dict[int, dict[str, Any]] = defaultdict(dict)
+    for key, value in block.items():
+        match = _KEY_RE.match(str(key))
+        if not match:
+            raise RubricError(f"{where}: unexpected key {key!r} (expected d<k>, s<k>, w<k>)")
+        parts[int(match.group(2))][match.group(1)] = value
+    return parts
+
+
+def _numbering_defects(numbers: list[int], where: str) -> list[tuple[str, str]]:
+    """(kind, detail) of the tolerated numbering defects: ``d11..d55`` for ``d1..d5``, a count other than five.
+
+    Any other numbering than 1..n or its doubled digits is an error.
+    """
+    defects = []
+    expected = list(range(1, len(numbers) + 1))
+    if numbers != expected:
+        doubled = [int(str(n) * 2) for n in expected]
+        if numbers != doubled:
+            raise RubricError(f"{where}: criteria numbered {numbers}, expected {expected}")
+        defects.append(("renumbered_criteria", f"{where}: criteria numbered {numbers}, read as {expected}"))
+    if len(numbers) != 5:
+        defects.append(("criteria_count", f"{where}: {len(numbers)} criteria instead of 5"))
+    return defects
+
+
+def _parse_criterion(number: int, part: Mapping[str, Any], where: str) -> Criterion:
+    """Criterion ``number`` from its ``d``, ``s`` and ``w`` values."""
+    missing = [k for k in "dsw" if k not in part]
+    if missing:
+        raise RubricError(f"{where}: criterion {number} lacks {', '.join(k + str(number) for k in missing)}")
+    text = part["d"]
+    if not isinstance(text, str) or not text.strip():
+        raise RubricError(f"{where}: d{number} must be a non-empty string")
+    sign = _SIGNS.get(str(part["s"]).strip())
+    if sign is None:
+        raise RubricError(f"{where}: s{number} is {part['s']!r}, expected '+1' or '-1'")
+    return Criterion(text=text.strip(), sign=sign, weight=_parse_weight(part["w"], f"{where}: w{number}"))
 
 
 def _cache_dir() -> Path:

@@ -1,4 +1,7 @@
-"""Loading, normalisation and selection of the published MicroWorldBench files."""
+"""Loading, normalisation and selection of MicroWorldBench files (on the synthetic set of ``bench_dir``).
+
+Facts of the published files themselves are checked in ``test_published_microworldbench.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmark import LEVELS, RubricError, load_benchmark, parse_block, select_tasks
+from evaluation.microworldbench import LEVELS, RubricError, load_benchmark, parse_block, select_tasks
 
 
 def test_all_tasks_load_with_known_defects_reported_once(bench):
-    assert len(bench.tasks) == 459
-    counts = bench.anomaly_counts()
-    assert counts["renumbered_criteria"] == 55
-    assert counts["criteria_count"] == 1
+    assert len(bench.tasks) == 16
+    assert bench.anomaly_counts() == {"renumbered_criteria": 4, "criteria_count": 1, "string_weights": 3}
     by_dim = Counter(a.dimension for a in bench.anomalies if a.kind == "renumbered_criteria")
-    assert by_dim == {"scientific": 4, "visual": 1, "instruction": 50}
+    assert by_dim == {"scientific": 1, "visual": 1, "instruction": 2}
+    strings = {(a.index, a.dimension) for a in bench.anomalies if a.kind == "string_weights"}
+    assert strings == {(1, "scientific"), (60, "scientific"), (126, "scientific")}
     four = [a for a in bench.anomalies if a.kind == "criteria_count"]
     assert (four[0].index, four[0].dimension) == (277, "instruction")
     assert len(bench.tasks[277].rubrics["instruction"]) == 4
@@ -28,9 +31,9 @@ def test_all_tasks_load_with_known_defects_reported_once(bench):
     keys = [(a.kind, a.index, a.dimension) for a in bench.anomalies]
     assert len(keys) == len(set(keys))
     assert Counter(t.level for t in bench.tasks.values()) == {
-        "Cellular-level": 238,
-        "Organ-level": 189,
-        "Subcellular-level": 32,
+        "Cellular-level": 7,
+        "Organ-level": 6,
+        "Subcellular-level": 3,
     }
 
 
@@ -38,13 +41,14 @@ def test_tasks_carry_text_and_norm_weights(bench, bench_dir):
     raw = {t["index"]: t for t in json.loads((bench_dir / "MWBenchRubrics.json").read_text())}
     norm = {t["index"]: t for t in json.loads((bench_dir / "MWBenchRubrics_norm.json").read_text())}
     task = bench.tasks[1]
-    assert task.task == raw[1]["task"] and task.task.startswith("Within the human brain vasculature")
+    assert task.task == raw[1]["task"] and task.task.startswith("Red blood cells flow through a brain capillary")
     assert task.requirement == raw[1]["requirement"]
-    # weights are the norm file's (w1 is the number 1.0 there, the string "2.0" in the raw file)
+    # weights are the norm file's (w1 is the number 1.0 there, the string "2.0" in the raw file; w2 the string "1.0")
     assert [c.weight for c in task.rubrics["scientific"]] == [
         float(norm[1]["rubrics_scientific"][f"w{k}"]) for k in range(1, 6)
     ]
     assert raw[1]["rubrics_scientific"]["w1"] == "2.0" and task.rubrics["scientific"][0].weight == 1.0
+    assert norm[1]["rubrics_scientific"]["w2"] == "1.0" and task.rubrics["scientific"][1].weight == 1.0
     # renumbered block (task 2 instruction uses d11..d55) keeps order and texts
     block = norm[2]["rubrics_instruction"]
     assert [c.text for c in bench.tasks[2].rubrics["instruction"]] == [block[f"d{k}{k}"] for k in range(1, 6)]
@@ -73,11 +77,12 @@ def test_selection(bench):
     assert [t.index for t in select_tasks(bench, limit=6)] == [1, 2, 3, 4, 5, 6]
     assert [t.index for t in select_tasks(bench, indices=[9, 3, 3])] == [3, 9]
     sub = select_tasks(bench, levels=["Subcellular-level"])
-    assert len(sub) == 32 and {t.level for t in sub} == {"Subcellular-level"}
-    sample = select_tasks(bench, sample=46, seed=7)
-    assert Counter(t.level for t in sample) == {"Cellular-level": 24, "Organ-level": 19, "Subcellular-level": 3}
-    assert sample == select_tasks(bench, sample=46, seed=7)
-    assert sample != select_tasks(bench, sample=46, seed=8)
+    assert len(sub) == 3 and {t.level for t in sub} == {"Subcellular-level"}
+    # 8 of 16 tasks: quotas 3.5 cellular, 3 organ, 1.5 subcellular; the tie on the remainder goes to the first level
+    sample = select_tasks(bench, sample=8, seed=7)
+    assert Counter(t.level for t in sample) == {"Cellular-level": 4, "Organ-level": 3, "Subcellular-level": 1}
+    assert sample == select_tasks(bench, sample=8, seed=7)
+    assert sample != select_tasks(bench, sample=8, seed=8)
     with pytest.raises(ValueError, match="unknown task"):
         select_tasks(bench, indices=[0, 460])
     with pytest.raises(ValueError, match="unknown level"):
@@ -90,7 +95,7 @@ def test_url_source_downloads_once_into_cache(tmp_path, bench_dir):
     requests: list[str] = []
 
     class Counting(handler.func):  # type: ignore[name-defined]
-        def log_message(self, *args):  # noqa: D401 - silence and count
+        def log_message(self, *args):  # silence and count
             requests.append(self.path)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(bench_dir)))
@@ -102,6 +107,6 @@ def test_url_source_downloads_once_into_cache(tmp_path, bench_dir):
         second = load_benchmark(url, cache_dir=tmp_path)
     finally:
         server.shutdown()
-    assert len(first.tasks) == len(second.tasks) == 459
+    assert len(first.tasks) == len(second.tasks) == 16
     assert len(requests) == 3  # the second load read the cache
     assert len(list(Path(tmp_path).rglob("*.json"))) == 3

@@ -1,4 +1,4 @@
-"""Procedural micro-world simulator: microscopy-like clips of microscale processes with known ground truth.
+"""The procedural micro-world: microscopy-like clips of microscale processes with known ground truth.
 
 Each process (``PROCESSES``) samples its parameters from a seeded ``numpy.random.Generator``, moves
 its objects for ``frames`` steps, renders them with a fluorescence look (dark background, glowing
@@ -7,28 +7,19 @@ returns the frames as ``uint8`` ``(T, H, W, 3)`` together with a caption, the pa
 per-frame ground truth (positions, counts, radii). Lengths are in pixels of the rendered size and
 velocities in pixels per frame; everything is vectorised over frames and objects with numpy.
 
-``simulate_prompt`` renders a clip for a free-form prompt (process, direction, look... parsed from
-its words). ``write_dataset`` (CLI: ``simulate_command``, mounted as ``microverse data simulate``)
-writes H.264 clips plus ``metadata.json`` in the MicroSim format (``[{"id", "video", "prompt", ...}]``)
-and a ``ground_truth.jsonl`` sidecar. ``python -m training.simulator bench`` measures single-core clips/s.
+``render_clip`` renders one clip of a process from a seed; ``simulate_prompt`` renders a clip for a
+free-form prompt (process, direction, look... parsed from its words). Datasets: ``simulator.dataset``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import get_context
-from pathlib import Path
 
 import click
 import numpy as np
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +237,6 @@ def _reflect(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _full(t: int, k: int, value: float | np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.asarray(value, np.float32), (t, k)).astype(np.float32)
-
-
-def _speed_word(value: float, lo: float, hi: float) -> str:
-    return "slow" if value < math.sqrt(lo * hi) else "fast"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,9 +490,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 """Caption templates per process; fields come from the sampled parameters."""
 
 
-def render_clip(
-    process: str, seed: int, size: int = 64, frames: int = 17, looks: Sequence[str] = LOOKS
-) -> Clip:
+def render_clip(process: str, seed: int, size: int = 64, frames: int = 17, looks: Sequence[str] = LOOKS) -> Clip:
     """Render one clip of ``process`` in one of ``looks`` (drawn from the seed); the same arguments give
     identical output."""
     if process not in PROCESSES:
@@ -580,106 +565,9 @@ def simulate_prompt(prompt: str, seed: int, size: int = 64, frames: int = 17, ma
     raise ValueError(f"no {process} clip with {where} in {max_tries} tries")
 
 
-# ----------------------------------------------------------------------------------------------
-# dataset writing
-
-
-def encode_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18) -> None:
-    """Encode ``uint8`` ``(T, H, W, 3)`` frames as H.264 (yuv420p) with PyAV."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}  # tiny frames: threads cost more
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-
-
 def clip_seeds(seed: int, n: int) -> list[int]:
     """The per-clip seeds of a dataset with base ``seed`` (clip ``i`` always gets the same one)."""
     return [int(x) for x in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint32)]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return np.round(value, 3).tolist() if value.dtype.kind == "f" else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _write_one(job: tuple[str, str, int, int, int, int, str, tuple[str, ...]]) -> tuple[dict, dict]:
-    clip_id, process, seed, size, frames, fps, out_dir, looks = job
-    clip = render_clip(process, seed, size, frames, looks)
-    rel = f"videos/{clip_id}.mp4"
-    encode_mp4(clip.frames, Path(out_dir) / rel, fps)
-    entry = {
-        "id": clip_id,
-        "video": rel,
-        "prompt": clip.prompt,
-        "process": process,
-        "params": clip.params,
-        "level": clip.level,
-        "seed": seed,
-        "size": size,
-        "frames": frames,
-        "fps": fps,
-    }
-    truth = {"id": clip_id, **{k: _jsonable(v) for k, v in clip.truth.items()}}
-    return entry, truth
-
-
-def write_dataset(
-    out_dir: str | Path,
-    n_clips: int,
-    size: int = 64,
-    frames: int = 17,
-    fps: int = 16,
-    seed: int = 0,
-    processes: Sequence[str] | None = None,
-    workers: int = 1,
-    looks: Sequence[str] = LOOKS,
-) -> Path:
-    """Write ``n_clips`` simulator clips to ``out_dir``; returns the path of ``metadata.json``.
-
-    Layout: ``videos/<id>.mp4`` (H.264), ``metadata.json`` (MicroSim format: a JSON array of
-    ``{"id", "video", "prompt"}`` plus ``process``, ``params``, ``level``, ``seed``, ``size``,
-    ``frames``, ``fps``) and ``ground_truth.jsonl`` (one line per clip: ``id`` and per-frame truth).
-    Processes are assigned round-robin, each clip's look is drawn from ``looks``; the output depends only
-    on the arguments, not on ``workers``.
-    """
-    processes = list(processes or PROCESSES)
-    unknown = sorted(set(processes) - set(PROCESSES))
-    if unknown:
-        raise KeyError(f"unknown processes {unknown}; choose from {sorted(PROCESSES)}")
-    check_looks(looks)
-    out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (f"{processes[i % len(processes)]}_{i:06d}", processes[i % len(processes)], s, size, frames, fps, str(out),
-         tuple(looks))
-        for i, s in enumerate(clip_seeds(seed, n_clips))
-    ]
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            results = stack.enter_context(get_context("fork").Pool(workers)).imap(_write_one, jobs, chunksize=16)
-        else:
-            results = map(_write_one, jobs)
-        done = list(tqdm(results, total=n_clips, desc="simulate", unit="clip", disable=n_clips < 50))
-    entries = [entry for entry, _ in done]
-    truths = [truth for _, truth in done]
-    meta = out / "metadata.json"
-    meta.write_text(json.dumps(entries, indent=1))
-    (out / "ground_truth.jsonl").write_text("".join(json.dumps(truth) + "\n" for truth in truths))
-    logger.info("wrote %d clips to %s", n_clips, out)
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
 
 
 def parse_processes(value: str | None) -> list[str] | None:
@@ -691,80 +579,3 @@ def parse_processes(value: str | None) -> list[str] | None:
     if unknown:
         raise click.BadParameter(f"unknown processes {unknown}; choose from {sorted(PROCESSES)}")
     return names
-
-
-@click.command("simulate")
-@click.option(
-    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
-)
-@click.option("-n", "--n", "n_clips", type=int, default=600, show_default=True, help="Number of clips.")
-@click.option("--size", type=int, default=64, show_default=True, help="Frame height and width in pixels.")
-@click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip (Wan: 4k+1).")
-@click.option("--fps", type=int, default=16, show_default=True, help="Frame rate written to the mp4.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; same seed, same dataset.")
-@click.option("--processes", default=None, help=f"Comma-separated subset of: {', '.join(PROCESSES)}.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
-@click.option(
-    "--looks", default=",".join(LOOKS), show_default=True, help="Comma-separated looks each clip's is drawn from."
-)
-def simulate_command(out_dir, n_clips, size, frames, fps, seed, processes, workers, looks):
-    """Render a simulator dataset (mp4 clips + metadata.json + ground truth)."""
-    names = [x.strip() for x in looks.split(",") if x.strip()]
-    try:
-        check_looks(names)
-    except KeyError as exc:
-        raise click.BadParameter(exc.args[0], param_hint="--looks") from exc
-    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, parse_processes(processes), workers, names)
-    click.echo(f"wrote {n_clips} clips, metadata at {meta}")
-
-
-def benchmark(n_clips: int = 300, size: int = 64, frames: int = 17, encode: bool = False) -> tuple[float, float]:
-    """Clips per wall-clock second and per CPU second of ``render_clip`` (plus mp4 encoding when ``encode``).
-
-    The CPU-second rate is what one uncontended core would give; the wall rate drops when the core is shared.
-    """
-    import tempfile
-
-    names = list(PROCESSES)
-    with tempfile.TemporaryDirectory() as tmp:
-        wall, cpu = time.perf_counter(), time.process_time()
-        for i in range(n_clips):
-            clip = render_clip(names[i % len(names)], i, size, frames)
-            if encode:
-                encode_mp4(clip.frames, Path(tmp) / "clip.mp4")
-        return n_clips / (time.perf_counter() - wall), n_clips / (time.process_time() - cpu)
-
-
-@click.command("bench")
-@click.option("-n", "--n", "n_clips", type=int, default=600, show_default=True, help="Clips per measurement.")
-@click.option("--size", type=int, default=64, show_default=True, help="Frame height and width in pixels.")
-@click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip.")
-def bench_command(n_clips, size, frames):
-    """Measure single-core simulator throughput (render only, and render + H.264 encode)."""
-    pin = hasattr(os, "sched_setaffinity")
-    cores = os.sched_getaffinity(0) if pin else set()
-    if pin:  # BLAS threads, if any, then share this one core
-        os.sched_setaffinity(0, {min(cores)})
-    try:
-        rates = {
-            "render only": benchmark(n_clips, size, frames),
-            "render + encode": benchmark(n_clips, size, frames, True),
-        }
-    finally:
-        if pin:
-            os.sched_setaffinity(0, cores)
-    click.echo(f"{n_clips} clips of {size}x{size}x{frames} on one core")
-    for name, (wall, cpu) in rates.items():
-        click.echo(f"{name + ':':17s}{wall:8.1f} clips/s wall, {cpu:8.1f} clips per CPU-second")
-
-
-@click.group()
-def main():
-    """Micro-world simulator."""
-
-
-main.add_command(simulate_command)
-main.add_command(bench_command)
-
-if __name__ == "__main__":
-    main()

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from click.testing import CliRunner
 
-from microverse.bench import WAN_1_3B, transformer_flops
 from microverse.cli import main
+from microverse.tools.inference_bench import WAN_1_3B, transformer_flops
 
 
 def test_flop_model_matches_the_h100_reference():
@@ -20,8 +20,8 @@ def test_cpu_smoke_run_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--size", "tiny", "--height", "32", "--width", "32", "--num-frames", "5", "--steps", "5",
             "--repeats", "1", "--warmup-steps", "1", "--draft-batch", "2", "--device", "cpu",
-            "--presets", "exact,fast,fast@fast_step_ratio=0.2:fast_cfg_cutoff=1", "--cache-dir", str(tmp_path / "cache"),
-            "-o", str(out)]
+            "--presets", "exact,fast,fast@fast_step_ratio=0.2:fast_cfg_cutoff=1",
+            "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and "fast" in result.output
@@ -51,7 +51,7 @@ def test_random_1_3b_checkpoint_layout(tmp_path, monkeypatch):
     """The 1.3b builder's code path at shrunken widths: full Wan VAE, UniPC flow scheduler, 512-token defaults."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    from microverse import bench
+    from microverse.tools import inference_bench as bench
 
     monkeypatch.setattr(bench, "WAN_1_3B", {**bench.WAN_1_3B, "num_layers": 1, "num_attention_heads": 2,
                                             "attention_head_dim": 8, "ffn_dim": 16, "text_dim": 32, "freq_dim": 16})

@@ -1,4 +1,4 @@
-"""Training-step benchmark of the Wan DiT at a given size and clip shape, with random weights.
+"""Training step speed of the Wan DiT at a given size and clip shape, with random weights.
 
 Measures what the trainer runs once latents and text embeddings are cached (neither VAE nor text
 encoder resident): forward, flow-matching loss, backward and an AdamW step, under bf16 autocast.
@@ -69,7 +69,8 @@ def benchmark(
         noise = torch.randn(latent_shape, generator=generator).to(device)
         sigmas = objective.sample_sigmas(1, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            pred = transformer(objective.noisy_input(x0, noise, sigmas.to(device)), (sigmas * 1000).to(device), text, return_dict=False)[0]
+            x_t = objective.noisy_input(x0, noise, sigmas.to(device))
+            pred = transformer(x_t, (sigmas * 1000).to(device), text, return_dict=False)[0]
         loss = objective.loss(pred, x0, noise, sigmas)
         loss.backward()
         optimizer.step()

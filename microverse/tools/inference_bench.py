@@ -23,14 +23,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import click
 import numpy as np
 import torch
 
-from .config import Settings, default_cache_dir
-from .schemas import GenerationSpec
+from ..config import Settings, default_cache_dir
+from ..schemas import GenerationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def save_random_checkpoint(path: Path, size: Size, device: str = "cpu") -> Path:
     )
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from .loading import DEFAULTS_FILE, ModelDefaults
-    from .tiny import build_tokenizer
+    from training.architecture import build_tokenizer
+
+    from ..loading import DEFAULTS_FILE, ModelDefaults
 
     tmp = path.with_name(path.name + ".partial")
     logger.info("building Wan2.1-1.3B-size random weights into %s", path)
@@ -238,128 +239,199 @@ def _weights_gib(*modules) -> float:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**30
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Run the benchmark of ``cfg`` and return its results (the JSON ``microverse bench`` writes)."""
-    import diffusers
-    from diffusers import WanPipeline
+class PlainRun(NamedTuple):
+    """One timed run of plain diffusers."""
 
-    from .engine import DiffusersEngine
-    from .optimize import resolve_device, resolve_dtype
+    latents: torch.Tensor
+    video: np.ndarray
+    seconds: float
+    denoise_seconds: float
+    peak_gib: float | None
 
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype("auto", device)
-    source = cfg.model or str(save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size, device))
-    height, width, frames, steps = cfg.shape()
-    clock = Clock(device)
 
-    # Plain diffusers: WanPipeline defaults, the VAE in float32 as diffusers' Wan example loads it.
-    plain = WanPipeline.from_pretrained(source, dtype={"vae": torch.float32, "default": dtype}).to(device)
-    plain.set_progress_bar_config(disable=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(model=source, device=device, compile=cfg.compile, attention_backend=cfg.attention_backend,
-                            storage_dir=Path(tmp), **cfg.overrides)
-        engine = DiffusersEngine.from_settings(settings)
-    max_len = engine.model.defaults.max_sequence_length
-    tokens = video_tokens(plain, height, width, frames)
-    flops_fwd = transformer_flops(plain.transformer.config, tokens, max_len)
-    cfg_mult = 2 if cfg.guidance_scale > 1 else 1
-    plain_flops = steps * cfg_mult * flops_fwd
+class EngineRun(NamedTuple):
+    """One timed run of an engine preset, with its transformer call counts."""
 
-    def run_plain(n_steps: int):
-        t0 = clock.start()
-        latents = plain(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=height, width=width,
-                        num_frames=frames, num_inference_steps=n_steps, guidance_scale=cfg.guidance_scale,
-                        generator=torch.Generator("cpu").manual_seed(cfg.seed), max_sequence_length=max_len,
-                        output_type="latent").frames
-        clock.sync()
+    result: object
+    seconds: float
+    peak_gib: float | None
+    calls: int
+    full: int
+
+
+class Sides:
+    """Plain diffusers and the engine, loaded from the same checkpoint, and what every run of ``cfg`` shares."""
+
+    def __init__(self, cfg: BenchConfig):
+        from ..optimize import resolve_device, resolve_dtype
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype("auto", self.device)
+        self.source = cfg.model or str(
+            save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size, self.device))
+        self.height, self.width, self.frames, self.steps = cfg.shape()
+        self.clock = Clock(self.device)
+        self.plain = _load_plain(self.source, self.device, self.dtype)
+        self.engine = _load_engine(cfg, self.source, self.device)
+        self.server_options = self.engine.options
+        self.max_len = self.engine.model.defaults.max_sequence_length
+        self.tokens = video_tokens(self.plain, self.height, self.width, self.frames)
+        self.flops_fwd = transformer_flops(self.plain.transformer.config, self.tokens, self.max_len)
+        self.plain_forwards = self.steps * (2 if cfg.guidance_scale > 1 else 1)
+        self.plain_flops = self.plain_forwards * self.flops_fwd
+
+    def run_plain(self, n_steps: int) -> PlainRun:
+        """Plain diffusers to latents, then its VAE decode, timed as one."""
+        cfg = self.cfg
+        t0 = self.clock.start()
+        latents = self.plain(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=self.height,
+                             width=self.width, num_frames=self.frames, num_inference_steps=n_steps,
+                             guidance_scale=cfg.guidance_scale, generator=torch.Generator("cpu").manual_seed(cfg.seed),
+                             max_sequence_length=self.max_len, output_type="latent").frames
+        self.clock.sync()
         t1 = time.perf_counter()
-        video = decode_uint8(plain.vae, latents)
-        seconds, peak = clock.stop(t0)
-        return latents, video, seconds, t1 - t0, peak
+        video = decode_uint8(self.plain.vae, latents)
+        seconds, peak = self.clock.stop(t0)
+        return PlainRun(latents, video, seconds, t1 - t0, peak)
 
-    def spec(preset: str, n_steps: int, seed: int = cfg.seed, shape=(height, width, frames)) -> GenerationSpec:
+    def spec(self, preset: str, n_steps: int, seed: int, shape: tuple[int, int, int]) -> GenerationSpec:
+        """The engine request of one video of ``shape`` (height, width, frames)."""
+        cfg = self.cfg
         return GenerationSpec(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=shape[0], width=shape[1],
                               num_frames=shape[2], num_inference_steps=n_steps, guidance_scale=cfg.guidance_scale,
                               seed=seed, fps=16, preset=preset)
 
-    server_options = engine.options
-
-    def run_engine(label: str, n_steps: int):
+    def run_engine(self, label: str, n_steps: int) -> tuple[object, float, float | None]:
+        """(result, seconds, peak GiB) of the engine on preset variant ``label``; the server options are restored."""
         preset, knobs = parse_variant(label)
-        engine.options = replace(server_options, **knobs)
+        self.engine.options = replace(self.server_options, **knobs)
         try:
-            t0 = clock.start()
-            result = engine.generate([spec(preset, n_steps)])
-            seconds, peak = clock.stop(t0)
+            t0 = self.clock.start()
+            result = self.engine.generate([self.spec(preset, n_steps, self.cfg.seed,
+                                                     (self.height, self.width, self.frames))])
+            seconds, peak = self.clock.stop(t0)
         finally:
-            engine.options = server_options
+            self.engine.options = self.server_options
         return result, seconds, peak
 
-    counter = Counter(engine.model.pipe.transformer)
-    with torch.inference_mode():
-        logger.info("warm-up (%d steps per side)", cfg.warmup_steps)
-        run_plain(cfg.warmup_steps)
+
+def _load_plain(source: str, device: str, dtype: torch.dtype):
+    """Plain diffusers: WanPipeline defaults, the VAE in float32 as diffusers' Wan example loads it."""
+    from diffusers import WanPipeline
+
+    plain = WanPipeline.from_pretrained(source, dtype={"vae": torch.float32, "default": dtype}).to(device)
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
+def _load_engine(cfg: BenchConfig, source: str, device: str):
+    """The engine with ``cfg``'s settings on the same checkpoint."""
+    from ..engine import DiffusersEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(model=source, device=device, compile=cfg.compile, attention_backend=cfg.attention_backend,
+                            storage_dir=Path(tmp), **cfg.overrides)
+        return DiffusersEngine.from_settings(settings)
+
+
+def _timed_runs(sides: Sides, counter: Counter) -> tuple[list[PlainRun], dict[str, list[EngineRun]]]:
+    """A warm-up of each side, then ``repeats`` alternating timed runs of plain diffusers and every preset."""
+    cfg = sides.cfg
+    logger.info("warm-up (%d steps per side)", cfg.warmup_steps)
+    sides.run_plain(cfg.warmup_steps)
+    for preset in cfg.presets:
+        sides.run_engine(preset, cfg.warmup_steps)
+    base_runs, runs = [], {p: [] for p in cfg.presets}
+    for r in range(cfg.repeats):
+        base_runs.append(sides.run_plain(sides.steps))
+        logger.info("plain diffusers run %d: %.2f s", r, base_runs[-1].seconds)
         for preset in cfg.presets:
-            run_engine(preset, cfg.warmup_steps)
-        base_runs, runs = [], {p: [] for p in cfg.presets}
-        for r in range(cfg.repeats):
-            base_runs.append(run_plain(steps))
-            logger.info("plain diffusers run %d: %.2f s", r, base_runs[-1][2])
-            for preset in cfg.presets:
-                counter.reset()
-                result, seconds, peak = run_engine(preset, steps)
-                runs[preset].append((result, seconds, peak, counter.calls, counter.full))
-                logger.info("%s run %d: %.2f s", preset, r, seconds)
-        ref_latents, ref_video = base_runs[-1][0], base_runs[-1][1]
-        base_s = _median([b[2] for b in base_runs])
-        out = {
-            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "size": "checkpoint" if cfg.model else cfg.size, "model": source,
-            "text_encoder": "checkpoint's" if cfg.model or cfg.size == "tiny" else
-            f"random UMT5 d_model 4096, {TEXT_ENCODER_1_3B['num_layers']} layers (UMT5-XXL has 24)",
-            "dtype": str(dtype).removeprefix("torch."),
-            "shape": {"height": height, "width": width, "num_frames": frames, "steps": steps,
-                      "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "text_tokens": max_len,
-                      "video_tokens": tokens},
-            "repeats": cfg.repeats, "compile": cfg.compile, "attention_backend": engine.choice.attention_backend,
-            "vae_dtype": engine.choice.vae_dtype,
-            "flops_per_forward": flops_fwd,
-            "baseline": {
-                "seconds": base_s, "seconds_all": [b[2] for b in base_runs],
-                "denoise_s_per_step": _median([b[3] for b in base_runs]) / steps,
-                "peak_gib": _max_or_none([b[4] for b in base_runs]),
-                "weights_gib": _weights_gib(plain.transformer, plain.text_encoder, plain.vae),
-                "transformer_forwards": steps * cfg_mult,
-                "tflops": plain_flops / base_s / 1e12,
-            },
-            "presets": {},
-        }
-        for preset, items in runs.items():
-            result, _, _, calls, full = items[-1]
-            seconds = _median([i[1] for i in items])
-            layers = engine.model.pipe.transformer.config.num_layers
-            done_flops = (full + (calls - full) / layers) * flops_fwd
-            engine_video = np.stack(result.videos)
-            out["presets"][preset] = {
-                "seconds": seconds, "seconds_all": [i[1] for i in items],
-                "ratio_to_plain": seconds / base_s, "speedup": base_s / seconds,
-                "denoise_s_per_step": _median([i[0].denoise_seconds for i in items]) / result.plan.num_inference_steps,
-                "decode_s": _median([i[0].decode_seconds for i in items]),
-                "peak_gib": _max_or_none([i[2] for i in items]),
-                "steps_run": result.plan.num_inference_steps, "cfg_steps": result.plan.cfg_steps,
-                "step_cache_threshold": result.plan.cache_threshold,
-                "transformer_calls": calls, "full_forwards": full,
-                "tflops_achieved": done_flops / seconds / 1e12,
-                "tflops_effective": plain_flops / seconds / 1e12,
-                "latent_rel_l2": rel_l2(result.latents, ref_latents),
-                "psnr_db": psnr(engine_video, ref_video),
-                "vae_decode_psnr_db": psnr(engine_video, decode_uint8(plain.vae, result.latents)),
-                "prompt_cache": {"hits": engine.prompt_cache.hits, "misses": engine.prompt_cache.misses},
-            }
+            counter.reset()
+            result, seconds, peak = sides.run_engine(preset, sides.steps)
+            runs[preset].append(EngineRun(result, seconds, peak, counter.calls, counter.full))
+            logger.info("%s run %d: %.2f s", preset, r, seconds)
+    return base_runs, runs
+
+
+def _setup(sides: Sides) -> dict:
+    """Where and on what the benchmark ran: device, versions, model, dtype, shape, engine choices."""
+    import diffusers
+
+    cfg = sides.cfg
+    return {
+        "device": _device_name(sides.device),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "size": "checkpoint" if cfg.model else cfg.size, "model": sides.source,
+        "text_encoder": "checkpoint's" if cfg.model or cfg.size == "tiny" else
+        f"random UMT5 d_model 4096, {TEXT_ENCODER_1_3B['num_layers']} layers (UMT5-XXL has 24)",
+        "dtype": str(sides.dtype).removeprefix("torch."),
+        "shape": {"height": sides.height, "width": sides.width, "num_frames": sides.frames, "steps": sides.steps,
+                  "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "text_tokens": sides.max_len,
+                  "video_tokens": sides.tokens},
+        "repeats": cfg.repeats, "compile": cfg.compile, "attention_backend": sides.engine.choice.attention_backend,
+        "vae_dtype": sides.engine.choice.vae_dtype,
+        "flops_per_forward": sides.flops_fwd,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _baseline(sides: Sides, base_runs: list[PlainRun]) -> dict:
+    """Medians of the plain diffusers runs."""
+    base_s = _median([b.seconds for b in base_runs])
+    return {
+        "seconds": base_s, "seconds_all": [b.seconds for b in base_runs],
+        "denoise_s_per_step": _median([b.denoise_seconds for b in base_runs]) / sides.steps,
+        "peak_gib": _max_or_none([b.peak_gib for b in base_runs]),
+        "weights_gib": _weights_gib(sides.plain.transformer, sides.plain.text_encoder, sides.plain.vae),
+        "transformer_forwards": sides.plain_forwards,
+        "tflops": sides.plain_flops / base_s / 1e12,
+    }
+
+
+def _preset_result(sides: Sides, items: list[EngineRun], reference: PlainRun, base_s: float) -> dict:
+    """Medians of one preset's runs, its work done, and its last output's deviation from ``reference``."""
+    result, _, _, calls, full = items[-1]
+    seconds = _median([i.seconds for i in items])
+    engine = sides.engine
+    layers = engine.model.pipe.transformer.config.num_layers
+    done_flops = (full + (calls - full) / layers) * sides.flops_fwd
+    engine_video = np.stack(result.videos)
+    return {
+        "seconds": seconds, "seconds_all": [i.seconds for i in items],
+        "ratio_to_plain": seconds / base_s, "speedup": base_s / seconds,
+        "denoise_s_per_step": _median([i.result.denoise_seconds for i in items]) / result.plan.num_inference_steps,
+        "decode_s": _median([i.result.decode_seconds for i in items]),
+        "peak_gib": _max_or_none([i.peak_gib for i in items]),
+        "steps_run": result.plan.num_inference_steps, "cfg_steps": result.plan.cfg_steps,
+        "step_cache_threshold": result.plan.cache_threshold,
+        "transformer_calls": calls, "full_forwards": full,
+        "tflops_achieved": done_flops / seconds / 1e12,
+        "tflops_effective": sides.plain_flops / seconds / 1e12,
+        "latent_rel_l2": rel_l2(result.latents, reference.latents),
+        "psnr_db": psnr(engine_video, reference.video),
+        "vae_decode_psnr_db": psnr(engine_video, decode_uint8(sides.plain.vae, result.latents)),
+        "prompt_cache": {"hits": engine.prompt_cache.hits, "misses": engine.prompt_cache.misses},
+    }
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the benchmark of ``cfg`` and return its results (the JSON ``microverse bench`` writes)."""
+    sides = Sides(cfg)
+    counter = Counter(sides.engine.model.pipe.transformer)
+    with torch.inference_mode():
+        base_runs, runs = _timed_runs(sides, counter)
+        out = {**_setup(sides), "baseline": _baseline(sides, base_runs)}
+        base_s = out["baseline"]["seconds"]
+        out["presets"] = {preset: _preset_result(sides, items, base_runs[-1], base_s) for preset, items in runs.items()}
         if cfg.draft_batch > 1:
-            out["draft"] = _draft(cfg, engine, clock, spec)
-        if device == "cpu":
+            out["draft"] = _draft(sides)
+        if sides.device == "cpu":
             out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     counter.remove()
     return out
@@ -370,8 +442,9 @@ def _max_or_none(xs: list[float | None]) -> float | None:
     return max(xs) if xs else None
 
 
-def _draft(cfg: BenchConfig, engine, clock: Clock, spec) -> dict:
+def _draft(sides: Sides) -> dict:
     """Videos per second of the exact preset at the draft shape: batch 1 against batch ``cfg.draft_batch``."""
+    cfg, engine, clock, spec = sides.cfg, sides.engine, sides.clock, sides.spec
     h, w, f, steps = cfg.draft_shape()
     out = {"shape": {"height": h, "width": w, "num_frames": f, "steps": steps}, "batch": cfg.draft_batch}
     for batch in (1, cfg.draft_batch):
@@ -392,7 +465,8 @@ def summary(result: dict) -> str:
     """A short text table of ``result``."""
     b = result["baseline"]
     lines = [f"{result['device']} | {result['size']} | {result['shape']}",
-             f"{'side':<10}{'s/video':>10}{'s/step':>9}{'ratio':>7}{'TFLOP/s':>9}{'peak GiB':>9}{'rel L2':>9}{'PSNR':>7}",
+             (f"{'side':<10}{'s/video':>10}{'s/step':>9}{'ratio':>7}{'TFLOP/s':>9}{'peak GiB':>9}{'rel L2':>9}"
+              f"{'PSNR':>7}"),
              (f"{'plain':<10}{b['seconds']:>10.3f}{b['denoise_s_per_step']:>9.4f}{1.0:>7.3f}{b['tflops']:>9.2f}"
               f"{_fmt(b['peak_gib']):>9}{'-':>9}{'-':>7}")]
     for name, p in result["presets"].items():
@@ -401,7 +475,8 @@ def summary(result: dict) -> str:
                      f"{p['psnr_db']:>7.1f}")
     if "draft" in result:
         d = result["draft"]
-        lines.append(f"draft {d['shape']}: batch {d['batch']} gives {d['throughput_ratio']:.2f}x the videos/s of batch 1")
+        lines.append(f"draft {d['shape']}: batch {d['batch']} gives {d['throughput_ratio']:.2f}x the videos/s "
+                     "of batch 1")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ Both sides use the same checkpoint, prompt, seed and settings, in one run, alter
 script prints the ratio of medians (service / direct). The difference is what the service adds:
 HTTP, validation, the durable queue, the worker hand-off and H.264 encoding.
 
-    python -m microverse.bench_overhead [--model PATH] [--height 256 --width 256 --num-frames 33 --steps 20]
+    python -m microverse.tools.overhead_bench [--model PATH] [--height 256 --width 256 --num-frames 33 --steps 20]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import click
 import httpx
 
-from .config import Settings
-from .engine import DiffusersEngine
-from .schemas import GenerationSpec
+from ..config import Settings
+from ..engine import DiffusersEngine
+from ..schemas import GenerationSpec
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,10 @@ def _free_port() -> int:
 
 def start_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     """Start ``bentoml serve`` on loopback and wait until ``/readyz`` answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(port),
-                             "--host", "127.0.0.1"], cwd=REPO_ROOT, env={**os.environ, **env},
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "wb") as log_file:  # the service writes to its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(port),
+                                 "--host", "127.0.0.1"], cwd=REPO_ROOT, env={**os.environ, **env},
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -1,0 +1,101 @@
+"""OpenAI's video protocol: the ``/v1/videos`` request and response models and their mapping to ours.
+
+The official ``openai`` client works unchanged with ``base_url`` pointed at ``<service>/v1``:
+``videos.create`` (multipart or JSON), ``retrieve``, ``list``, ``delete``, ``download_content``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .jobs import Job
+from .schemas import GenerateRequest, InputError
+
+logger = logging.getLogger(__name__)
+
+SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class VideoCreateBody(BaseModel):
+    """``POST /v1/videos``: OpenAI's fields plus MicroVerse's extras (sent via ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "832x480".')
+    seconds: float | None = Field(None, description="Clip length; converted to 4k+1 frames at fps.")
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_frames: int | None = Field(None, description="Overrides seconds when given (4k+1).")
+    fps: int | None = None
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    """OpenAI's ``Video`` object, plus the generation parameters used."""
+
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: int | None
+    expires_at: int | None
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    model: str
+    progress: int
+    prompt: str
+    seconds: str
+    size: str
+    error: VideoError | None
+    remixed_from_video_id: str | None = None
+    seed: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+
+
+def to_video_object(job: Job) -> VideoObject:
+    """A stored job as OpenAI's ``Video`` object."""
+    s = job.spec
+    return VideoObject(
+        id=job.id, created_at=int(job.created_at),
+        completed_at=int(job.completed_at) if job.completed_at else None,
+        expires_at=int(job.expires_at) if job.expires_at else None,
+        status=job.status, model=job.model, progress=job.progress, prompt=s.prompt,
+        seconds=f"{s.seconds:g}", size=f"{s.width}x{s.height}",
+        error=VideoError(code=job.error_code or "error", message=job.error_message or "") if job.status == "failed" else None,
+        seed=s.seed, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale, fps=s.fps,
+    )
+
+
+def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int) -> GenerateRequest:
+    """Map OpenAI's size/seconds onto our request fields."""
+    width = height = None
+    if body.size is not None:
+        m = SIZE_RE.match(body.size.strip())
+        if not m:
+            raise InputError("size", f'size must look like "832x480" (width x height), got {body.size!r}')
+        width, height = int(m.group(1)), int(m.group(2))
+    num_frames = body.num_frames
+    fps = body.fps or fps_default
+    if num_frames is None and body.seconds is not None:
+        if body.seconds <= 0:
+            raise InputError("seconds", f"seconds must be positive, got {body.seconds:g}")
+        num_frames = 4 * max(0, round((body.seconds * fps - 1) / 4)) + 1  # nearest 4k+1
+        if num_frames > max_frames:
+            raise InputError("seconds", f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the limit is {max_frames}")
+    return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
+                           num_frames=num_frames, num_inference_steps=body.num_inference_steps,
+                           guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps)

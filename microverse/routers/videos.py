@@ -1,0 +1,91 @@
+"""OpenAI-compatible video jobs under ``/v1/videos`` (models in ``microverse.protocol``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..deps import EngineRuntimeDep, OwnerDep, RuntimeDep, read_body
+from ..errors import APIError, json_body_spec
+from ..jobs import JOB_ID_RE, Job
+from ..protocol import VideoCreateBody, VideoObject, to_generate_request, to_video_object
+from ..runtime import Runtime
+from ..schemas import InputError, resolve
+from ..submission import submit
+
+logger = logging.getLogger(__name__)
+
+POLL_AFTER_MS = 250
+
+router = APIRouter(prefix="/v1")
+
+
+def job_or_404(rt: Runtime, job_id: str, owner: str | None) -> Job:
+    """The caller's job ``job_id``; 404 when it is unknown or another key's."""
+    if not JOB_ID_RE.match(job_id):
+        raise APIError(404, f"no video with id {job_id!r}", "video_id", "not_found")
+    job = rt.store.get(job_id)
+    if job is None or (owner is not None and job.owner not in (None, owner)):
+        raise APIError(404, f"no video with id {job_id!r}", "video_id", "not_found")
+    return job
+
+
+@router.post("/videos", response_model=VideoObject, openapi_extra=json_body_spec(VideoCreateBody))
+async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> VideoObject:
+    body, _ = await read_body(request, VideoCreateBody)
+    model = rt.engine.model
+    if body.model is not None and body.model not in (model.name, "microverse"):
+        raise APIError(400, f"model {body.model!r} is not served here; this server serves {model.name!r}",
+                       "model", "model_not_found")
+    try:
+        spec = resolve(to_generate_request(body, model.defaults.fps, rt.settings.max_frames),
+                       model.defaults, rt.limits)
+    except InputError as exc:
+        raise APIError(400, exc.message, exc.param, "invalid_value") from exc
+    return to_video_object(submit(rt, spec, "api", owner))
+
+
+@router.get("/videos/{video_id}", response_model=VideoObject)
+async def retrieve_video(video_id: str, rt: RuntimeDep, owner: OwnerDep) -> JSONResponse:
+    obj = to_video_object(job_or_404(rt, video_id, owner))
+    return JSONResponse(obj.model_dump(mode="json"), headers={"openai-poll-after-ms": str(POLL_AFTER_MS)})
+
+
+@router.get("/videos", response_model=None)
+async def list_videos(rt: RuntimeDep, owner: OwnerDep, after: str | None = None,
+                      limit: int = Query(20, ge=1, le=100),
+                      order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    try:
+        jobs = rt.store.list(limit=limit + 1, after=after, order=order, owner=owner)
+    except KeyError:
+        raise APIError(400, f"after={after!r} is not a known video id", "after", "invalid_value") from None
+    page = [to_video_object(j).model_dump(mode="json") for j in jobs[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}
+
+
+@router.delete("/videos/{video_id}", response_model=None)
+async def delete_video(video_id: str, rt: RuntimeDep, owner: OwnerDep) -> dict[str, Any]:
+    job = job_or_404(rt, video_id, owner)
+    rt.store.delete(job.id)
+    if rt.worker is not None:
+        rt.worker.cancel(job.id)
+    return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+
+@router.get("/videos/{video_id}/content")
+async def download_content(video_id: str, rt: RuntimeDep, owner: OwnerDep,
+                           variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> FileResponse:
+    job = job_or_404(rt, video_id, owner)
+    if job.status != "completed":
+        raise APIError(409, f"video {job.id} is {job.status}; content is available once it is completed",
+                       "video_id", "video_not_ready")
+    if variant == "spritesheet":
+        raise APIError(400, "variant=spritesheet is not supported; use video or thumbnail", "variant", "unsupported")
+    path = rt.store.video_path(job.id) if variant == "video" else rt.store.thumb_path(job.id)
+    if not path.is_file():
+        raise APIError(404, f"the files of video {job.id} are gone (expired or deleted)", "video_id", "not_found")
+    return FileResponse(path, media_type="video/mp4" if variant == "video" else "image/webp", filename=path.name)
