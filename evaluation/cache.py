@@ -62,8 +62,8 @@ class JudgementCache:
         """The stored judgement for this key, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT judgement FROM judgements WHERE video_sha256=? AND task_index=? AND dimension=? AND rubric_hash=?"
-                " AND judge_model=? AND prompt_version=? AND repeat=?",
+                "SELECT judgement FROM judgements WHERE video_sha256=? AND task_index=? AND dimension=?"
+                " AND rubric_hash=? AND judge_model=? AND prompt_version=? AND repeat=?",
                 (video_sha256, task_index, dimension, rubric_hash, judge_model, prompt_version, repeat),
             ).fetchone()
         return Judgement(**json.loads(row[0])) if row else None

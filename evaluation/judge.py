@@ -31,9 +31,8 @@ from PIL import Image
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import media.video
 from media.video import DecodeError
-from media.video import frame_positions as sample_positions
-from media.video import sample_frames as sample_video_frames
 
 from .microworldbench import DIMENSION_TITLES, Criterion
 
@@ -101,7 +100,7 @@ class VideoError(ValueError):
 def frame_positions(total: int, count: int = 8) -> list[int]:
     """Published sampling positions ``floor((i + 0.5) * total / count)``."""
     try:
-        return sample_positions(total, count, "centres")
+        return media.video.frame_positions(total, count, "centres")
     except DecodeError as exc:
         raise VideoError(str(exc)) from exc
 
@@ -109,7 +108,7 @@ def frame_positions(total: int, count: int = 8) -> list[int]:
 def sample_frames(video: bytes | str | Path, count: int = 8) -> list[Image.Image]:
     """Decode ``count`` frames at the published positions from an mp4 path or bytes."""
     try:
-        frames = sample_video_frames(video, count, "centres")
+        frames = media.video.sample_frames(video, count, "centres")
     except DecodeError as exc:
         raise VideoError(str(exc)) from exc
     return [Image.fromarray(frame) for frame in frames]

@@ -109,7 +109,9 @@ def _table(title: str, keys, headers: list[str], ours: dict, report: dict) -> li
         f"| **{report['model']}** | {_fmt(report['overall'])} | " + " | ".join(_fmt(ours[k]) for k in keys) + " |",
     ]
     lines += [
-        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | " + " | ".join(f"{PUBLISHED[m][k]:.1f}" for k in keys) + " |"
+        f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
+        + " | ".join(f"{PUBLISHED[m][k]:.1f}" for k in keys)
+        + " |"
         for m in REFERENCE_MODELS
     ]
     return lines
@@ -121,8 +123,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# MicroWorldBench report: {report['model']}",
         "",
-        f"Judge: `{report['judge_model']}` (prompt {report['prompt_version']}); benchmark: {report['benchmark_source']}; "
-        f"created {report['created']}.",
+        f"Judge: `{report['judge_model']}` (prompt {report['prompt_version']}); "
+        f"benchmark: {report['benchmark_source']}; created {report['created']}.",
     ]
     lines += _table("Table 1: average and levels", LEVELS, list(LEVELS), report["by_level"], report)
     lines += _table("Table 2: average and dimensions", DIMENSIONS, [DIMENSION_TITLES[d] for d in DIMENSIONS],
@@ -151,7 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             a = report["agreement"][d]
             kappa = "–" if a["kappa"] is None else f"{a['kappa']:.3f}"
             lines.append(
-                f"| {DIMENSION_TITLES[d]} | {kappa} | {a['percent_agreement']:.1f} % | {a['n_items']} | {a['repeats']} |"
+                f"| {DIMENSION_TITLES[d]} | {kappa} | {a['percent_agreement']:.1f} % "
+                f"| {a['n_items']} | {a['repeats']} |"
             )
     cost = report["cost"]
     lines += [

@@ -1,4 +1,4 @@
-"""Frames to files and back: the one H.264 mp4 writer, decoding, frame sampling, resizing, thumbnails.
+"""Frames to files and back: the one H.264 mp4 writer, probing, decoding, frame sampling, resizing, thumbnails.
 
 Writing runs the ffmpeg binary that ``imageio-ffmpeg`` ships, in a fresh process per video, single-threaded
 and without x264's macroblock-tree rate control, so identical frames always give identical bytes (see
@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,20 @@ bytes for the same frames depending on the previous clips and the worker count).
 
 class DecodeError(ValueError):
     """A video cannot be decoded, has no video stream or has no frames."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` reads of a video's first video stream."""
+
+    frames: int
+    """Number of frames: the container's count, else counted by decoding (0 when not counted)."""
+    height: int
+    """Frame height in pixels."""
+    width: int
+    """Frame width in pixels."""
+    fps: float
+    """Average frame rate (0.0 when the container declares none)."""
 
 
 def encode_mp4(frames: np.ndarray, fps: float, crf: int = 17) -> bytes:
@@ -103,6 +118,20 @@ def _opened(source: VideoSource) -> Iterator[tuple[av.container.InputContainer, 
             yield container, container.streams.video[0]
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise DecodeError(f"cannot decode video: {exc}") from exc
+
+
+def probe_video(source: VideoSource, count_frames: bool = True) -> VideoInfo:
+    """Frame count, size and frame rate of a video (path or bytes), without converting frames to RGB.
+
+    When the container declares no frame count the stream is decoded to count them, unless ``count_frames``
+    is False (then ``frames`` is 0: for callers that need only the size or the rate of long videos).
+    """
+    with _opened(source) as (container, stream):
+        frames = stream.frames
+        if not frames and count_frames:
+            frames = sum(1 for _ in container.decode(stream))
+        codec = stream.codec_context
+        return VideoInfo(frames, codec.height, codec.width, float(stream.average_rate or 0))
 
 
 def read_video(

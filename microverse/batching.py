@@ -152,7 +152,8 @@ class BatchWorker:
                 for job in batch:
                     self._run_batch([job])
                 return
-            hint = " (out of memory: try a smaller size, fewer frames, or MICROVERSE_OFFLOAD=model)" if _is_oom(exc) else ""
+            hint = (" (out of memory: try a smaller size, fewer frames, or MICROVERSE_OFFLOAD=model)"
+                    if _is_oom(exc) else "")
             logger.exception("engine call failed for %s", ids)
             for job in batch:
                 self.store.fail(job.id, "generation_failed", f"{type(exc).__name__}: {exc}{hint}")
@@ -163,7 +164,7 @@ class BatchWorker:
         self.mean_call_s = elapsed if self.mean_call_s is None else 0.8 * self.mean_call_s + 0.2 * elapsed
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        for job, frames in zip(batch, result.videos):
+        for job, frames in zip(batch, result.videos, strict=True):
             if job.id in self._cancelled:
                 continue
             t_enc = time.perf_counter()

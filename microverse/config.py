@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     lora_scale: float = 1.0
     """Strength applied to every LoRA."""
     transformer: str | None = None
-    """Full fine-tuned DiT replacing the base one: a diffusers transformer folder or one safetensors file in original Wan keys."""
+    """Full fine-tuned DiT replacing the base one: a diffusers transformer folder or one safetensors file in
+    original Wan keys."""
     model_name: str | None = None
     """Name reported in ``/info`` and in OpenAI ``model`` fields; defaults to the source's name."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -49,7 +50,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Transformer and text-encoder dtype; ``auto`` is bfloat16 on CUDA, float32 on CPU."""
     attention_backend: AttentionBackend = "auto"
-    """Attention kernel; ``auto`` picks the fastest available and logs why. An unavailable explicit choice fails at start."""
+    """Attention kernel; ``auto`` picks the fastest available and logs why. An unavailable explicit choice fails
+    at start."""
     quantization: Quantization = "none"
     """torchao weight quantization of the transformer through diffusers' ``TorchAoConfig``."""
     compile: bool = False
@@ -62,7 +64,8 @@ class Settings(BaseSettings):
     """Speed preset: ``exact`` keeps the math (kernel choice, text-embedding cache, bf16 VAE decode);
     ``fast`` adds lossy levers (fewer UniPC steps, first-block step cache, CFG truncation). Requests may override it."""
     vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """VAE decode dtype; ``auto`` is bfloat16 on CUDA (PSNR vs float32 reported by ``microverse bench``), float32 on CPU."""
+    """VAE decode dtype; ``auto`` is bfloat16 on CUDA (PSNR vs float32 reported by ``microverse bench``), float32
+    on CPU."""
     prompt_cache_size: int = Field(64, ge=0)
     """Text embeddings kept for repeated prompts (least recently used evicted); 0 disables the cache."""
     fast_step_ratio: float = Field(0.4, gt=0, le=1)

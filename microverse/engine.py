@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class DiffusersEngine:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "DiffusersEngine":
+    def from_settings(cls, settings: Settings) -> DiffusersEngine:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         model = load_pipeline(settings, torch_dtype=dtype, quantization_config=quantization_config(settings, device))

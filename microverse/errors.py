@@ -33,8 +33,8 @@ class APIError(Exception):
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """The error shape as a response; ``type`` follows from the status."""
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "param": param, "code": code}}
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -63,8 +63,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(JudgeInputError)
     async def _judge_input(request: Request, exc: JudgeInputError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message if exc.field in exc.message else f"{exc.field}: {exc.message}",
-                              exc.field, "invalid_value")
+        message = exc.message if exc.field in exc.message else f"{exc.field}: {exc.message}"
+        return error_response(exc.status_code, message, exc.field, "invalid_value")
 
     @app.exception_handler(JudgeError)
     async def _judge_failed(request: Request, exc: JudgeError) -> JSONResponse:
@@ -85,7 +85,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal server error; see the server log", None, "internal_error")
 
 

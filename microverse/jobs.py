@@ -194,7 +194,8 @@ class JobStore:
                 now = time.time()
                 for job_id in ids:
                     self._db.execute(
-                        "UPDATE jobs SET status='in_progress', attempts=attempts+1, started_at=?, progress=0 WHERE id=?",
+                        "UPDATE jobs SET status='in_progress', attempts=attempts+1, started_at=?, progress=0"
+                        " WHERE id=?",
                         (now, job_id))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -14,6 +14,7 @@ spawns ranks 1..N-1 itself and returns rank 0's engine. NCCL on CUDA, gloo on CP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -43,7 +44,8 @@ class ParallelLayout:
 
 
 def layout_for(world_size: int, num_heads: int) -> ParallelLayout:
-    """Largest Ulysses degree dividing both ``world_size`` and ``num_heads`` (Wan2.1-1.3B: 12 heads); ring for the rest."""
+    """Largest Ulysses degree dividing both ``world_size`` and ``num_heads`` (Wan2.1-1.3B: 12 heads); ring for
+    the rest."""
     ulysses = max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0)
     return ParallelLayout(world_size, ulysses, world_size // ulysses)
 
@@ -121,10 +123,8 @@ def follow(engine: DiffusersEngine) -> None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             break
-        try:
+        with contextlib.suppress(GenerationCancelled):
             engine.generate(box[0], should_cancel=lambda: _agree(False))
-        except GenerationCancelled:
-            pass
     dist.destroy_process_group()
 
 

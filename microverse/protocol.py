@@ -74,7 +74,8 @@ def to_video_object(job: Job) -> VideoObject:
         expires_at=int(job.expires_at) if job.expires_at else None,
         status=job.status, model=job.model, progress=job.progress, prompt=s.prompt,
         seconds=f"{s.seconds:g}", size=f"{s.width}x{s.height}",
-        error=VideoError(code=job.error_code or "error", message=job.error_message or "") if job.status == "failed" else None,
+        error=(VideoError(code=job.error_code or "error", message=job.error_message or "")
+               if job.status == "failed" else None),
         seed=s.seed, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
         guidance_scale=s.guidance_scale, fps=s.fps,
     )
@@ -95,7 +96,9 @@ def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int
             raise InputError("seconds", f"seconds must be positive, got {body.seconds:g}")
         num_frames = 4 * max(0, round((body.seconds * fps - 1) / 4)) + 1  # nearest 4k+1
         if num_frames > max_frames:
-            raise InputError("seconds", f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the limit is {max_frames}")
+            raise InputError(
+                "seconds", f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the limit is {max_frames}"
+            )
     return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
                            num_frames=num_frames, num_inference_steps=body.num_inference_steps,
                            guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps)

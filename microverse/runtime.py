@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -26,10 +27,8 @@ def versions() -> dict[str, str]:
     """Versions of the packages that decide what the service computes."""
     out = {"python": platform.python_version()}
     for pkg in ("microverse", "torch", "diffusers", "transformers", "bentoml", "peft", "torchao"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

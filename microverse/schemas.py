@@ -108,7 +108,9 @@ def check_inputs(
     if num_frames > limits.max_frames:
         raise InputError("num_frames", f"num_frames {num_frames} exceeds the limit of {limits.max_frames}")
     if not 1 <= num_inference_steps <= limits.max_steps:
-        raise InputError("num_inference_steps", f"num_inference_steps must be in 1..{limits.max_steps}, got {num_inference_steps}")
+        raise InputError(
+            "num_inference_steps", f"num_inference_steps must be in 1..{limits.max_steps}, got {num_inference_steps}"
+        )
     if not 0 <= guidance_scale <= 20:
         raise InputError("guidance_scale", f"guidance_scale must be in 0..20, got {guidance_scale}")
     if not 1 <= fps <= 60:

@@ -5,8 +5,9 @@
 """
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_TORCH = "torch==2.13.0"

@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -571,11 +570,11 @@ def clip_seeds(seed: int, n: int) -> list[int]:
 
 
 def parse_processes(value: str | None) -> list[str] | None:
-    """Comma-separated process names -> list (``None`` for all); raises ``click.BadParameter`` on unknown names."""
+    """Comma-separated process names -> list (``None`` for all); raises ``ValueError`` on unknown names."""
     if not value:
         return None
     names = [p.strip() for p in value.split(",") if p.strip()]
     unknown = sorted(set(names) - set(PROCESSES))
     if unknown:
-        raise click.BadParameter(f"unknown processes {unknown}; choose from {sorted(PROCESSES)}")
+        raise ValueError(f"unknown processes {unknown}; choose from {sorted(PROCESSES)}")
     return names

@@ -82,13 +82,13 @@ class Server:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "Server":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(self.port),
-             "--host", "127.0.0.1"],
-            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    def start(self, timeout: float = 120.0) -> Server:
+        with open(self.log_path, "ab") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(self.port),
+                 "--host", "127.0.0.1"],
+                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

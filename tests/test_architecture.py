@@ -1,7 +1,8 @@
 """The architecture rules of ``docs/architecture.md``, checked on the source (tests excluded).
 
 * the import contracts of ``pyproject.toml`` (``[tool.importlinter]``) hold: the layers
-  ``microverse | training | evaluation | simulator | media`` and a serving core without ``training``;
+  ``microverse | training | evaluation | simulator | media``, a serving core without ``training``, and no
+  import loop between sibling modules inside a package;
 * no function, method or class ranks D or worse in cyclomatic complexity (radon);
 * ``media/video.py`` is the only mp4 writer.
 """

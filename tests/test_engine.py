@@ -38,7 +38,7 @@ def test_batched_video_equals_unbatched(engine):
     specs = [spec(p, seed=i) for i, p in enumerate(["a cell divides", "red blood cells flowing",
                                                      "dna replication fork", "apoptosis"])]
     batched = engine.generate(specs).videos
-    for s, video in zip(specs, batched):
+    for s, video in zip(specs, batched, strict=True):
         alone = engine.generate([s]).videos[0]
         # Batched GEMMs round differently in the last float bit: at most 1/255 on a few pixels.
         assert np.abs(video.astype(int) - alone).max() <= 1
@@ -71,12 +71,11 @@ def test_info_reports_the_model(make_client):
 
 
 def test_mp4_encoding_is_deterministic(engine):
-    from media.video import encode_mp4
-    from media.video import read_video as read_mp4
+    from media.video import encode_mp4, read_video
 
     video = engine.generate([spec(seed=3, height=64, width=64, num_frames=17)]).videos[0]
     encoded = {encode_mp4(video, 16) for _ in range(8)}
     assert len(encoded) == 1
-    frames, fps = read_mp4(encoded.pop())
+    frames, fps = read_video(encoded.pop())
     assert frames.shape == video.shape and fps == 16
     assert psnr(frames, video) > 28  # noise-like random-model frames are the worst case for H.264

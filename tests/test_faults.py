@@ -71,7 +71,7 @@ def wait_status(client, vid, statuses, timeout=60):
 def test_disk_full_fails_the_job_with_a_reason_and_the_service_stays_up(runtime_with, monkeypatch):
     import microverse.batching as batching
 
-    client, rt, _ = runtime_with()
+    client, _rt, _ = runtime_with()
     real_write = batching.write_atomic
 
     def full(path, data):
@@ -88,15 +88,16 @@ def test_disk_full_fails_the_job_with_a_reason_and_the_service_stays_up(runtime_
 
 
 def test_out_of_memory_batch_is_split_and_retried(runtime_with):
-    client, rt, engine = runtime_with({"step_s": 0.05, "oom_above": 1}, max_batch_wait_ms=1500)
-    ids = [client.post("/v1/videos", json={"prompt": f"cell {i}", "seed": i, **V1_SMALL}).json()["id"] for i in range(3)]
+    client, _rt, engine = runtime_with({"step_s": 0.05, "oom_above": 1}, max_batch_wait_ms=1500)
+    bodies = [{"prompt": f"cell {i}", "seed": i, **V1_SMALL} for i in range(3)]
+    ids = [client.post("/v1/videos", json=body).json()["id"] for body in bodies]
     for vid in ids:
         assert wait_status(client, vid, ("completed", "failed"))["status"] == "completed"
     assert engine.batch_sizes[0] == 3 and engine.batch_sizes[1:] == [1, 1, 1]
 
 
 def test_out_of_memory_alone_fails_with_a_hint_and_serving_continues(runtime_with):
-    client, rt, engine = runtime_with({"oom_above": 0})
+    client, _rt, engine = runtime_with({"oom_above": 0})
     vid = client.post("/v1/videos", json={"prompt": "a cell", **V1_SMALL}).json()["id"]
     v = wait_status(client, vid, ("failed", "completed"))
     assert v["status"] == "failed" and "out of memory" in v["error"]["message"]
@@ -107,7 +108,7 @@ def test_out_of_memory_alone_fails_with_a_hint_and_serving_continues(runtime_wit
 
 def test_graceful_shutdown_requeues_the_running_job(runtime_with, make_settings):
     client, rt, _ = runtime_with({"step_s": 0.2})
-    vid = client.post("/v1/videos", json={"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 50}}).json()["id"]
+    vid = client.post("/v1/videos", json={"prompt": "a cell", **V1_SMALL, "num_inference_steps": 50}).json()["id"]
     wait_status(client, vid, ("in_progress",))
     t0 = time.time()
     rt.stop()
@@ -120,8 +121,8 @@ def test_graceful_shutdown_requeues_the_running_job(runtime_with, make_settings)
 
 
 def test_full_queue_answers_429_with_retry_after(runtime_with):
-    client, rt, _ = runtime_with({"step_s": 0.3}, max_queue=2)
-    body = {"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 20}}
+    client, _rt, _ = runtime_with({"step_s": 0.3}, max_queue=2)
+    body = {"prompt": "a cell", **V1_SMALL, "num_inference_steps": 20}
     first = [client.post("/v1/videos", json=body) for _ in range(2)]
     assert all(r.status_code == 200 for r in first)
     third = client.post("/v1/videos", json=body)
@@ -132,20 +133,21 @@ def test_full_queue_answers_429_with_retry_after(runtime_with):
 
 
 def test_per_key_concurrency_limit(runtime_with):
-    client, rt, _ = runtime_with({"step_s": 0.3}, max_active_per_key=1)
-    body = {"prompt": "a cell", **{**V1_SMALL, "num_inference_steps": 20}}
+    client, _rt, _ = runtime_with({"step_s": 0.3}, max_active_per_key=1)
+    body = {"prompt": "a cell", **V1_SMALL, "num_inference_steps": 20}
     a = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-a"})
     a2 = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-a"})
     b = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer key-b"})
     assert a.status_code == 200 and b.status_code == 200
-    assert a2.status_code == 429 and a2.json()["error"]["code"] == "too_many_active_jobs" and "retry-after" in a2.headers
+    assert a2.status_code == 429 and "retry-after" in a2.headers
+    assert a2.json()["error"]["code"] == "too_many_active_jobs"
     # jobs are scoped to their key
     assert client.get(f"/v1/videos/{a.json()['id']}", headers={"Authorization": "Bearer key-b"}).status_code == 404
 
 
 def test_generate_timeout_is_a_504_naming_the_job(runtime_with):
-    client, rt, _ = runtime_with({"step_s": 0.2}, request_timeout_s=0.5)
-    r = client.post("/generate", json={"prompt": "a cell", **{**SMALL, "num_inference_steps": 20}})
+    client, _rt, _ = runtime_with({"step_s": 0.2}, request_timeout_s=0.5)
+    r = client.post("/generate", json={"prompt": "a cell", **SMALL, "num_inference_steps": 20})
     assert r.status_code == 504 and "video_" in r.json()["error"]["message"]
 
 

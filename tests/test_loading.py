@@ -91,7 +91,8 @@ def test_diffusers_lora_folder_loads(tiny_model_dir, base_frames, tmp_path):
         for name, p in pipe.transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    WanPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    lora_layers = get_peft_model_state_dict(pipe.transformer)
+    WanPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=lora_layers)
     out = frames(Settings(model=str(tiny_model_dir), lora=str(tmp_path / "lora"), storage_dir=tmp_path))
     assert np.abs(out.astype(int) - base_frames).mean() > 1.0
 
@@ -115,7 +116,7 @@ def test_wrong_shape_lora_is_named(tiny_model_dir, tmp_path):
 def test_non_lora_file_is_rejected(tiny_model_dir, tmp_path):
     path = tmp_path / "junk.safetensors"
     save_file({"some.weight": torch.zeros(2)}, str(path))
-    with pytest.raises(CheckpointError, match="not LoRA weights: some.weight"):
+    with pytest.raises(CheckpointError, match=r"not LoRA weights: some\.weight"):
         load_pipeline(Settings(model=str(tiny_model_dir), lora=str(path), storage_dir=tmp_path))
 
 
@@ -135,7 +136,7 @@ def test_dit_with_foreign_keys_is_rejected_naming_them(tiny_model_dir, tmp_path)
     path = tmp_path / "dit.safetensors"
     save_file({"model.unknown_layer.weight": torch.zeros(2), "blocks.0.self_attn.q.weight": torch.zeros(32, 32)},
               str(path))
-    with pytest.raises(CheckpointError, match="unexpected keys: model.unknown_layer.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys: model\.unknown_layer\.weight"):
         load_pipeline(Settings(model=str(tiny_model_dir), transformer=str(path), storage_dir=tmp_path))
 
 

@@ -1,16 +1,20 @@
-"""media.video: the one mp4 writer (deterministic), decoding, frame sampling, resizing."""
+"""media.video: the one mp4 writer (deterministic), probing, decoding, frame sampling, resizing."""
 
 from __future__ import annotations
 
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 
 from media.video import (
     DecodeError,
+    VideoInfo,
     encode_mp4,
     frame_positions,
+    probe_video,
     read_video,
     resize_crop,
     sample_frames,
@@ -54,6 +58,18 @@ def test_write_then_read_round_trip(tmp_path):
         assert np.abs(decoded.astype(float) - frames).mean() < 4
     assert encode_mp4(frames, 30000 / 1001)  # NTSC rates are written as the exact fraction
     assert read_video(encode_mp4(frames, 30000 / 1001))[1] == pytest.approx(29.97, abs=0.01)
+
+
+def test_probe_video_reads_count_size_and_rate(tmp_path):
+    path = write_mp4(tmp_path / "v.mp4", _ramp(12, 32, 48), 8)
+    for source in (path, str(path), path.read_bytes()):
+        assert probe_video(source) == VideoInfo(frames=12, height=32, width=48, fps=8.0)
+    mkv = tmp_path / "v.mkv"  # Matroska declares no frame count: counted by decoding unless told not to
+    remux = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-c", "copy", str(mkv)]
+    subprocess.run(remux, check=True)
+    assert probe_video(mkv).frames == 12 and probe_video(mkv, count_frames=False).frames == 0
+    with pytest.raises(DecodeError):
+        probe_video(b"definitely not an mp4")
 
 
 def test_read_video_window_and_resampling(tmp_path):

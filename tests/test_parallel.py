@@ -87,7 +87,9 @@ def test_two_rank_engine_equals_single_engine(tiny_model_dir, tmp_path):
 
     out = str(tmp_path / "engine.pt")
     code = f"from tests.test_parallel import run_two_rank_engine; run_two_rank_engine({str(tiny_model_dir)!r}, {out!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=False)
     assert got["cancelled_after"] == 2 and got["layout"].ulysses_degree == 2

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from media.video import read_video as read_mp4
+from media.video import read_video
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -34,7 +34,7 @@ def test_openai_client_create_poll_download_list_delete(microverse_server, tmp_p
     content = client.videos.download_content(video.id)
     path = tmp_path / "v.mp4"
     content.write_to_file(path)
-    frames, fps = read_mp4(path)
+    frames, fps = read_video(path)
     assert frames.shape == (17, 48, 64, 3) and fps == 16  # 1 s at 16 fps -> nearest 4k+1 = 17 frames
     thumb = client.videos.download_content(video.id, variant="thumbnail").read()
     assert thumb[:4] == b"RIFF"  # webp
@@ -79,14 +79,14 @@ def test_same_seed_same_frames_through_both_apis(microverse_server):
     c = httpx.post(microverse_server + "/generate", json={**body, "seed": 12}, timeout=120)
     assert a.headers["content-type"] == "video/mp4" and a.headers["x-seed"] == "11"
     assert "denoise;dur=" in a.headers["server-timing"]
-    fa, fb, fc = (read_mp4(r.content)[0] for r in (a, b, c))
+    fa, fb, fc = (read_video(r.content)[0] for r in (a, b, c))
     np.testing.assert_array_equal(fa, fb)
     assert np.abs(fa.astype(int) - fc).mean() > 2
 
     client = client_for(microverse_server)
     v = client.videos.create_and_poll(prompt=body["prompt"], size="64x64",
                                       extra_body={"seed": 11, "num_inference_steps": 4, "num_frames": 17})
-    fv = read_mp4(client.videos.download_content(v.id).read())[0]
+    fv = read_video(client.videos.download_content(v.id).read())[0]
     np.testing.assert_array_equal(fa, fv)
 
 
@@ -112,7 +112,7 @@ def test_four_concurrent_requests_are_batched_and_match_unbatched(microverse_ser
         alone = httpx.post(microverse_server + "/generate", timeout=300,
                            json={"prompt": prompts[i], "seed": 100 + i, "num_inference_steps": 6})
         assert alone.headers["x-batch-size"] == "1"
-        a, b = read_mp4(r.content)[0].astype(int), read_mp4(alone.content)[0].astype(int)
+        a, b = read_video(r.content)[0].astype(int), read_video(alone.content)[0].astype(int)
         # Same video up to last-bit float rounding of batched GEMMs (see test_engine).
         assert np.abs(a - b).mean() < 0.05, np.abs(a - b).mean()
 
@@ -135,7 +135,7 @@ def test_kill_9_during_a_job_then_restart_completes_it(start_server):
     client = client_for(server.url)
     v = client.videos.poll(video.id, poll_interval_ms=100)
     assert v.status == "completed", v
-    frames, _ = read_mp4(client.videos.download_content(video.id).read())
+    frames, _ = read_video(client.videos.download_content(video.id).read())
     assert frames.shape == (33, 128, 128, 3)
 
 

@@ -1,7 +1,7 @@
 """The ``/ui`` playground end to end in headless Chromium (Playwright driving Debian's chromium)."""
 
-import shutil
 import os
+import shutil
 import threading
 import time
 from pathlib import Path

@@ -14,8 +14,9 @@ from pathlib import Path
 import click
 
 from evaluation.physics import ModelRunner
+from evaluation.physics.cli import processes_option
 from simulator.dataset import write_dataset
-from simulator.render import LOOKS, PROCESSES, check_looks, parse_processes
+from simulator.render import LOOKS, PROCESSES, check_looks
 from simulator.speed import single_core_speed
 from training.data.cli import register as register_pipeline_commands
 
@@ -214,7 +215,9 @@ register_pipeline_commands(data_group)
 @click.option("--frames", type=int, default=17, show_default=True, help="Frames per clip (Wan: 4k+1).")
 @click.option("--fps", type=int, default=16, show_default=True, help="Frame rate written to the mp4.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; same seed, same dataset.")
-@click.option("--processes", default=None, help=f"Comma-separated subset of: {', '.join(PROCESSES)}.")
+@click.option(
+    "--processes", default=None, callback=processes_option, help=f"Comma-separated subset of: {', '.join(PROCESSES)}."
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes.")
 @click.option(
     "--looks", default=",".join(LOOKS), show_default=True, help="Comma-separated looks each clip's is drawn from."
@@ -226,7 +229,7 @@ def simulate_command(out_dir, n_clips, size, frames, fps, seed, processes, worke
         check_looks(names)
     except KeyError as exc:
         raise click.BadParameter(exc.args[0], param_hint="--looks") from exc
-    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, parse_processes(processes), workers, names)
+    meta = write_dataset(out_dir, n_clips, size, frames, fps, seed, processes, workers, names)
     click.echo(f"wrote {n_clips} clips, metadata at {meta}")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -164,7 +165,7 @@ class TrainConfig:
 
 
 def debug_config() -> TrainConfig:
-    """Tiny CPU-sized run: a few seconds of training on a tiny Wan pipeline (``microverse.tiny``)."""
+    """Tiny CPU-sized run: a few seconds of training on a tiny Wan pipeline (``microverse.tools.tiny``)."""
     return TrainConfig(
         name="debug",
         output_dir="outputs/debug",

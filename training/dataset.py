@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from media.video import read_video, resize_crop
+from media.video import probe_video, read_video, resize_crop
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,12 @@ def choose_bucket(
     return min((b for b in fitting if b[0] == longest), key=lambda b: abs(b[2] / b[1] - aspect))
 
 
-def _probe(path: Path) -> tuple[int, int, int]:
-    import av
-
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        n = s.frames or sum(1 for _ in c.decode(s))
-        return n, s.codec_context.height, s.codec_context.width
+def _clip_size(row: dict, video: Path) -> tuple[int, int, int]:
+    """Frames, height and width of a clip: from its metadata row (the data pipeline writes them), else probed."""
+    if all(row.get(k) for k in ("frames", "height", "width")):
+        return row["frames"], row["height"], row["width"]
+    info = probe_video(video)
+    return info.frames, info.height, info.width
 
 
 def encoder_key(pretrained: str | Path) -> str:
@@ -101,8 +100,7 @@ def build_samples(
     samples = []
     for row in read_metadata(dataset):
         video = (dataset / row["video"]).resolve()
-        known = all(row.get(k) for k in ("frames", "height", "width"))  # written by the data pipeline
-        bucket = choose_bucket(*((row["frames"], row["height"], row["width"]) if known else _probe(video)), buckets)
+        bucket = choose_bucket(*_clip_size(row, video), buckets)
         if bucket is None:
             logger.warning("skipping %s: shorter than every bucket", video)
             continue
@@ -126,7 +124,9 @@ def encode_prompts(pipe, prompts: list[str], max_length: int, device) -> list[to
     """UMT5 embeddings trimmed to each prompt's tokens (padded back to ``max_length`` when batched)."""
     out = []
     for prompt in prompts:
-        tokens = pipe.tokenizer(prompt, max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt")
+        tokens = pipe.tokenizer(
+            prompt, max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
+        )
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         emb = pipe.text_encoder(ids, mask).last_hidden_state[0, : int(mask.sum())]
         out.append(emb.float().cpu())
@@ -144,7 +144,8 @@ def encode_latents(vae, videos: torch.Tensor) -> torch.Tensor:
 
 
 def build_cache(
-    accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=(), batch_size: int = 1
+    accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=(),
+    batch_size: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Encode the ``missing`` samples (the same list on every rank, sharded over processes, ``batch_size``
     same-bucket clips per VAE encode) and the empty and extra prompts. Returns the prompt embeddings keyed
@@ -163,7 +164,7 @@ def build_cache(
     progress = tqdm(total=len(todo), desc="caching latents", disable=not todo or not accelerator.is_local_main_process)
     for group in groups:
         latents = encode_latents(pipe.vae, torch.stack([load_clip(s) for s in group]))
-        for sample, lat in zip(group, latents):
+        for sample, lat in zip(group, latents, strict=True):
             emb = encode_prompts(pipe, [sample.prompt], text_max_length, device)[0]
             tmp = sample.cache_file.with_suffix(f".tmp{accelerator.process_index}")
             save_file({"latents": lat.contiguous(), "prompt_embeds": emb.contiguous()}, str(tmp))
@@ -171,7 +172,7 @@ def build_cache(
         progress.update(len(group))
     progress.close()
     prompts = ["", *extra_prompts]
-    embeds = dict(zip(prompts, encode_prompts(pipe, prompts, text_max_length, device)))
+    embeds = dict(zip(prompts, encode_prompts(pipe, prompts, text_max_length, device), strict=True))
     accelerator.wait_for_everyone()
     return embeds
 

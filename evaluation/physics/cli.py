@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 Source = tuple[str, Generate, Generate]
 
 
+def processes_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    """Click callback of a ``--processes`` option: the parsed names, a usage error naming an unknown one."""
+    try:
+        return parse_processes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 def _runner(ctx: click.Context) -> ModelRunner:
     """The context's :class:`ModelRunner`; a usage error when the command runs without one."""
     runner = ctx.find_object(ModelRunner)
@@ -112,7 +120,7 @@ def _folder_report(folder: Path, procs: Sequence[str] | None) -> PhysicsReport:
 @click.option("--seed", type=int, default=HELDOUT_SEED, show_default=True, help="Base seed of the held-out cases.")
 @click.option("--size", type=int, default=64, show_default=True, help="Frame width and height.")
 @click.option("--frames", type=int, default=17, show_default=True, help="Frames per video.")
-@click.option("--processes", default=None, help="Comma-separated subset of processes.")
+@click.option("--processes", default=None, callback=processes_option, help="Comma-separated subset of processes.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Denoising steps for --model.")
 @click.option(
     "--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance for --model."
@@ -136,7 +144,7 @@ def physics_command(ctx: click.Context, **opts) -> None:
     """Physics-grounded metrics: per-process accuracy of videos against simulator ground truth."""
     if not (opts["sources"] or opts["videos_dirs"] or opts["models"] or opts["vaes"]):
         opts["sources"] = ("simulator",)
-    procs = parse_processes(opts["processes"])
+    procs = opts["processes"]
     reports = _heldout_reports(ctx, opts, procs)
     reports += [_folder_report(folder, procs) for folder in opts["videos_dirs"]]
     paths = write_report(reports, opts["out_dir"])

@@ -138,7 +138,7 @@ def test_killed_generation_resumes_its_job_and_regenerates_nothing(
             return False
 
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        cmd, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 240

@@ -143,7 +143,7 @@ def http_server(video_bytes):
     """Loopback server: /clip.mp4, /big (2 MB), /hop (redirect to 127.0.0.2), /slow."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             if self.path == "/hop":
                 self.send_response(302)
                 self.send_header("Location", f"http://127.0.0.2:{self.server.server_port}/clip.mp4")

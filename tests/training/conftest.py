@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 from training_test_media import blobs, debug_config
 
-from media.video import write_mp4 as write_video
+from media.video import write_mp4
 from training.trainer import train
 
-PROMPTS = ("cells dividing", "blood flowing in a vessel", "bacteria swimming toward source", "vesicles moving along microtubule")
+PROMPTS = (
+    "cells dividing",
+    "blood flowing in a vessel",
+    "bacteria swimming toward source",
+    "vesicles moving along microtubule",
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +32,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dataset")
     rows = []
     for i, prompt in enumerate(PROMPTS):
-        write_video(root / "videos" / f"clip{i}.mp4", blobs(9, (32, 32), seed=i, background=20 + 60 * i), fps=16)
+        write_mp4(root / "videos" / f"clip{i}.mp4", blobs(9, (32, 32), seed=i, background=20 + 60 * i), fps=16)
         rows.append({"id": f"clip{i}", "video": f"videos/clip{i}.mp4", "prompt": prompt})
     (root / "metadata.json").write_text(json.dumps(rows))
     return root
@@ -47,6 +52,7 @@ def lora_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
     out = tmp_path_factory.mktemp("full")
-    cfg = debug_config(out, tiny_model, tiny_dataset, mode="full", max_steps=200, checkpoint_every=100, validation_prompts=(), write_upstream=True)
+    cfg = debug_config(out, tiny_model, tiny_dataset, mode="full", max_steps=200, checkpoint_every=100,
+                       validation_prompts=(), write_upstream=True)
     train(cfg)
     return out

@@ -14,24 +14,26 @@ from training.config import save_config
 
 
 def test_train_until_step_then_resume_export_and_bento(tmp_path, tiny_model, tiny_dataset, lora_run, monkeypatch):
-    cfg = debug_config(tmp_path / "run", tiny_model, tiny_dataset, max_steps=6, checkpoint_every=4, validation_prompts=())
+    run = tmp_path / "run"
+    cfg = debug_config(run, tiny_model, tiny_dataset, max_steps=6, checkpoint_every=4, validation_prompts=())
     save_config(cfg, tmp_path / "run.yaml")
     runner = CliRunner()
     r = runner.invoke(train_group, ["--config", str(tmp_path / "run.yaml"), "--until-step", "3"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003"]
-    assert not (tmp_path / "run" / "final").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003"]
+    assert not (run / "final").exists()
     r = runner.invoke(train_group, ["--config", str(tmp_path / "run.yaml"), "--set", "max_steps=6"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().endswith("final")
-    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000003", "step-0000004", "step-0000006"]
+    steps = [p.name for p in sorted((run / "checkpoints").iterdir())]
+    assert steps == ["step-0000003", "step-0000004", "step-0000006"]
 
-    r = runner.invoke(train_group, ["export", str(tmp_path / "run"), str(tmp_path / "up"), "--format", "upstream"])
+    r = runner.invoke(train_group, ["export", str(run), str(tmp_path / "up"), "--format", "upstream"])
     assert r.exit_code == 0, r.output
     upstream = load_file(str(tmp_path / "up" / "step-6.safetensors"))
     assert all(k.endswith(".default.weight") and k.startswith("blocks.") for k in upstream)
 
-    r = runner.invoke(train_group, ["export", str(tmp_path / "run" / "checkpoints" / "step-0000004"), str(tmp_path / "d4")])
+    r = runner.invoke(train_group, ["export", str(run / "checkpoints" / "step-0000004"), str(tmp_path / "d4")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "d4" / "microverse_checkpoint.json").read_text())["step"] == 4
 
@@ -49,8 +51,8 @@ def test_train_until_step_then_resume_export_and_bento(tmp_path, tiny_model, tin
 
 
 def test_benchmark_command_cpu(tmp_path):
-    r = CliRunner().invoke(train_group, ["benchmark", "--size", "tiny", "--shape", "9x32x32", "--steps", "2", "--lora-rank", "4",
-                                         "--out", str(tmp_path / "bench.json")])  # fmt: skip
+    args = ["--size", "tiny", "--shape", "9x32x32", "--steps", "2", "--lora-rank", "4"]
+    r = CliRunner().invoke(train_group, ["benchmark", *args, "--out", str(tmp_path / "bench.json")])
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["latent_shape"] == [1, 4, 3, 4, 4] and result["tokens"] == 12

@@ -17,7 +17,9 @@ def test_configs_yaml_round_trip_and_overrides(tmp_path):
         cfg = load_config(name)
         save_config(cfg, tmp_path / f"{name}.yaml")
         assert load_config(str(tmp_path / f"{name}.yaml")) == cfg
-    (tmp_path / "mine.yaml").write_text("base: debug\noptim:\n  lr: 0.5\ndata:\n  buckets: [[5, 16, 16], [9, 32, 48]]\n")
+    (tmp_path / "mine.yaml").write_text(
+        "base: debug\noptim:\n  lr: 0.5\ndata:\n  buckets: [[5, 16, 16], [9, 32, 48]]\n"
+    )
     cfg = load_config(str(tmp_path / "mine.yaml"), ["model.mode=full", "max_steps=7"])
     assert (cfg.name, cfg.optim.lr, cfg.model.mode, cfg.max_steps) == ("debug", 0.5, "full", 7)
     assert cfg.data.buckets == ((5, 16, 16), (9, 32, 48))
@@ -113,7 +115,8 @@ def test_warmup_stable_decay_schedule():
     def opt():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
-    wsd = lrs(build_lr_scheduler(OptimConfig(lr=0.1, schedule="warmup_stable_decay", warmup_steps=4, decay_steps=5), opt(), 20), 20)
+    wsd_config = OptimConfig(lr=0.1, schedule="warmup_stable_decay", warmup_steps=4, decay_steps=5)
+    wsd = lrs(build_lr_scheduler(wsd_config, opt(), 20), 20)
     const = lrs(get_scheduler("constant_with_warmup", opt(), num_warmup_steps=4), 20)
     assert wsd[:16] == const[:16] and wsd[2] == pytest.approx(0.05) and wsd[15] == pytest.approx(0.1)
     assert wsd[15:] == pytest.approx([0.1, 0.08, 0.06, 0.04, 0.02])

@@ -26,9 +26,10 @@ def _transformer():
 def test_full_round_trip_through_diffusers_converter():
     state = _transformer().state_dict()
     original = diffusers_to_original_keys(state)
-    for key in ("blocks.0.self_attn.q.weight", "blocks.1.cross_attn.o.bias", "blocks.0.ffn.0.weight", "blocks.0.ffn.2.bias",
-                "head.head.weight", "head.modulation", "blocks.0.modulation", "blocks.0.norm3.weight",
-                "time_embedding.0.weight", "text_embedding.2.bias", "time_projection.1.weight", "patch_embedding.weight"):  # fmt: skip
+    for key in ("blocks.0.self_attn.q.weight", "blocks.1.cross_attn.o.bias", "blocks.0.ffn.0.weight",
+                "blocks.0.ffn.2.bias", "head.head.weight", "head.modulation", "blocks.0.modulation",
+                "blocks.0.norm3.weight", "time_embedding.0.weight", "text_embedding.2.bias",
+                "time_projection.1.weight", "patch_embedding.weight"):  # fmt: skip
         assert key in original, key
     assert "blocks.0.norm2.weight" not in original  # diffusers norm2 (cross-attn norm) is original norm3
     back = original_to_diffusers_keys(original)
@@ -43,7 +44,9 @@ def test_lora_round_trip_and_alpha_folding(tmp_path):
     from training.config import DIFFUSERS_LORA_TARGETS
 
     transformer = _transformer()
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(DIFFUSERS_LORA_TARGETS), init_lora_weights="gaussian"))
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=list(DIFFUSERS_LORA_TARGETS), init_lora_weights="gaussian")
+    )
     lora = get_peft_model_state_dict(transformer)
     up = lora_diffusers_to_upstream(lora, rank=4, alpha=8)
     assert "blocks.0.self_attn.q.lora_A.default.weight" in up and "blocks.1.cross_attn.o.lora_B.default.weight" in up
@@ -56,9 +59,10 @@ def test_lora_round_trip_and_alpha_folding(tmp_path):
     # CLI: diffusers file -> upstream -> diffusers keeps the effective update B @ A.
     save_diffusers_lora(lora, tmp_path / "d", rank=4, alpha=8, targets=DIFFUSERS_LORA_TARGETS)
     runner = CliRunner()
-    r = runner.invoke(train_group, ["convert", str(tmp_path / "d"), str(tmp_path / "step-7.safetensors"), "--to", "upstream"])
+    upstream = str(tmp_path / "step-7.safetensors")
+    r = runner.invoke(train_group, ["convert", str(tmp_path / "d"), upstream, "--to", "upstream"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(train_group, ["convert", str(tmp_path / "step-7.safetensors"), str(tmp_path / "d2"), "--to", "diffusers"])
+    r = runner.invoke(train_group, ["convert", upstream, str(tmp_path / "d2"), "--to", "diffusers"])
     assert r.exit_code == 0, r.output
     state, rank, alpha = read_diffusers_lora(tmp_path / "d2")
     assert (rank, alpha) == (4, 4)
@@ -72,13 +76,15 @@ def test_full_upstream_cli_round_trip(tmp_path, tiny_model):
     )
     assert r.exit_code == 0, r.output
     assert "head.head.weight" in load_file(str(tmp_path / "dit.safetensors"))
+    dit = str(tmp_path / "dit.safetensors")
     r = CliRunner().invoke(
-        train_group, ["convert", str(tmp_path / "dit.safetensors"), str(tmp_path / "dit"), "--to", "diffusers", "--base", str(tiny_model)]
+        train_group, ["convert", dit, str(tmp_path / "dit"), "--to", "diffusers", "--base", str(tiny_model)]
     )
     assert r.exit_code == 0, r.output
     a = load_file(str(tmp_path / "dit" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "junk.safetensors"))
-    r = CliRunner().invoke(train_group, ["convert", str(tmp_path / "junk.safetensors"), str(tmp_path / "j"), "--to", "diffusers"])
+    junk = str(tmp_path / "junk.safetensors")
+    r = CliRunner().invoke(train_group, ["convert", junk, str(tmp_path / "j"), "--to", "diffusers"])
     assert r.exit_code != 0

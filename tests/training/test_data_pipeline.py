@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from training_test_media import blobs, colour_bars, debug_config
 
-from media.video import read_video
-from media.video import write_mp4 as write_video
+from media.video import read_video, write_mp4
 from training.cli import data_group
 from training.data.classifier import ClassifierConfig, VideoClassifier, train_classifier
 from training.data.pipeline import DataPipelineConfig, build_dataset, motion_score
@@ -34,11 +34,11 @@ def _raw_videos(root):
     n = 36
     shot1 = blobs(n, SIZE, seed=1, background=15)
     a = np.concatenate([shot1, blobs(n, SIZE, seed=2, background=200, polarity=-1), colour_bars(n, SIZE, seed=3)])
-    write_video(root / "cellular" / "a.mp4", a, fps=24)
+    write_mp4(root / "cellular" / "a.mp4", a, fps=24)
     still = blobs(1, SIZE, seed=5, background=120, polarity=-1)
-    write_video(root / "b.mp4", np.concatenate([blobs(n, SIZE, seed=4, background=15), np.repeat(still, n, 0)]), fps=24)
+    write_mp4(root / "b.mp4", np.concatenate([blobs(n, SIZE, seed=4, background=15), np.repeat(still, n, 0)]), fps=24)
     (root / "b.txt").write_text("bacteria swimming toward source")
-    write_video(root / "c.mp4", shot1, fps=24)
+    write_mp4(root / "c.mp4", shot1, fps=24)
     (root / "metadata.json").write_text(json.dumps([{"video": "c.mp4", "prompt": "cells dividing"}]))  # upstream format
     (root / "broken.mp4").write_bytes(b"not a video at all" * 50)
 
@@ -48,21 +48,23 @@ def _labelled(root, per_class=12):
     rng = np.random.default_rng(0)
     for i in range(per_class):
         bg, pol = (int(rng.integers(5, 60)), 1) if i % 2 else (int(rng.integers(150, 230)), -1)
-        write_video(root / "on_topic" / f"{i}.mp4", blobs(9, (32, 32), seed=100 + i, background=bg, polarity=pol), fps=16)
-        write_video(root / "off_topic" / f"{i}.mp4", colour_bars(9, (32, 32), seed=200 + i), fps=16)
+        write_mp4(root / "on_topic" / f"{i}.mp4", blobs(9, (32, 32), seed=100 + i, background=bg, polarity=pol), fps=16)
+        write_mp4(root / "off_topic" / f"{i}.mp4", colour_bars(9, (32, 32), seed=200 + i), fps=16)
 
 
 class _FakeVLM(BaseHTTPRequestHandler):
     """Loopback OpenAI-compatible ``/v1/chat/completions`` that records requests."""
 
-    requests: list = []
+    requests: ClassVar[list] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _FakeVLM.requests.append(body)
         reply = {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": FAKE_CAPTION}}],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": FAKE_CAPTION}}
+            ],
         }  # fmt: skip
         data = json.dumps(reply).encode()
         self.send_response(200)
@@ -139,8 +141,9 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm, tiny_model):
 
     rows = json.loads((out / "metadata.json").read_text())
     assert len(rows) == 3
+    fields = {"id", "video", "prompt", "source", "shot_start", "shot_end", "motion_score", "classifier_score", "level"}
     for row in rows:
-        assert {"id", "video", "prompt", "source", "shot_start", "shot_end", "motion_score", "classifier_score", "level"} <= set(row)
+        assert fields <= set(row)
         frames, fps = read_video(out / row["video"])
         assert frames.shape == (9, 32, 32, 3) and fps == 16
     by_id = {r["id"]: r for r in rows}
@@ -151,8 +154,9 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm, tiny_model):
     assert _FakeVLM.requests[0]["messages"][0]["content"][1]["type"] == "image_url"
 
     # Resumable: a second run redoes nothing and a new source is picked up incrementally.
-    write_video(raw / "d.mp4", blobs(36, SIZE, seed=9, background=30), fps=24)
-    again = build_dataset(DataPipelineConfig(**{**json.loads((out / "pipeline.json").read_text()), "buckets": ((32, 32),)}))
+    write_mp4(raw / "d.mp4", blobs(36, SIZE, seed=9, background=30), fps=24)
+    saved = json.loads((out / "pipeline.json").read_text())
+    again = build_dataset(DataPipelineConfig(**{**saved, "buckets": ((32, 32),)}))
     assert again["shots"]["new"] == 1 and again["clips"]["new"] == 1 and again["motion"]["scored"] == 1
     assert len(_FakeVLM.requests) == 2
     assert len(json.loads((out / "metadata.json").read_text())) == 4
@@ -166,7 +170,8 @@ def test_pipeline_end_to_end(tmp_path, fake_vlm, tiny_model):
 def test_clips_stage_redoes_work_of_a_killed_run(tmp_path):
     from training.data.pipeline import cut_clips, detect_shots
 
-    write_video(tmp_path / "raw" / "v.mp4", np.concatenate([blobs(24, SIZE, seed=1), colour_bars(24, SIZE, seed=2)]), fps=24)
+    shots = np.concatenate([blobs(24, SIZE, seed=1), colour_bars(24, SIZE, seed=2)])
+    write_mp4(tmp_path / "raw" / "v.mp4", shots, fps=24)
     cfg = DataPipelineConfig(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "out"), workers=1,
                              buckets=((32, 32),), max_frames=9, min_frames=9)  # fmt: skip
     assert detect_shots(cfg)["shots"] == 2

@@ -10,7 +10,9 @@ import numpy as np
 from training.config import TrainConfig, load_config
 
 
-def blobs(n: int, size: tuple[int, int], seed: int, background: int = 20, polarity: int = 1, speed: float = 1.5) -> np.ndarray:
+def blobs(
+    n: int, size: tuple[int, int], seed: int, background: int = 20, polarity: int = 1, speed: float = 1.5
+) -> np.ndarray:
     """Microscopy-like clip: soft fluorescent blobs drifting over a flat background."""
     rng = np.random.default_rng(seed)
     h, w = size
@@ -23,7 +25,7 @@ def blobs(n: int, size: tuple[int, int], seed: int, background: int = 20, polari
     for _ in range(n):
         pos = (pos + vel) % [h, w]
         img = np.zeros((h, w), np.float32)
-        for (py, px), r in zip(pos, radius):
+        for (py, px), r in zip(pos, radius, strict=True):
             img += np.exp(-((y - py) ** 2 + (x - px) ** 2) / (2 * r**2))
         v = np.clip(background + polarity * 200 * np.clip(img, 0, 1), 0, 255)
         frames.append(np.stack([v * 0.35, v, v * 0.45], -1))
@@ -34,7 +36,8 @@ def colour_bars(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
     """Off-topic clip: saturated colour bars or stripes scrolling sideways."""
     rng = np.random.default_rng(seed)
     h, w = size
-    colours = rng.permutation(np.array([[255, 255, 0], [0, 255, 255], [255, 0, 255], [255, 0, 0], [0, 0, 255], [255, 255, 255], [0, 255, 0]]))
+    palette = [[255, 255, 0], [0, 255, 255], [255, 0, 255], [255, 0, 0], [0, 0, 255], [255, 255, 255], [0, 255, 0]]
+    colours = rng.permutation(np.array(palette))
     width = int(rng.integers(3, 8))
     step = int(rng.integers(1, 3))
     x = np.arange(w)
@@ -44,7 +47,8 @@ def colour_bars(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
 
 def debug_config(out: Path, model: Path, dataset: Path, mode: str = "lora", **fields) -> TrainConfig:
     """The debug config on ``model``/``dataset`` writing to ``out``; ``section__field=value`` sets fields."""
-    cfg = load_config("debug", [f"model.pretrained={model}", f"data.dataset={dataset}", f"output_dir={out}", f"model.mode={mode}"])
+    overrides = [f"model.pretrained={model}", f"data.dataset={dataset}", f"output_dir={out}", f"model.mode={mode}"]
+    cfg = load_config("debug", overrides)
     for key, value in fields.items():
         section, _, leaf = key.rpartition("__")
         setattr(getattr(cfg, section) if section else cfg, leaf, value)

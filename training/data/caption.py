@@ -27,7 +27,7 @@ class Captioner:
     def caption(self, path: str | Path) -> str:
         images = []
         for frame in sample_frames(path, self.num_frames):
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            _ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             url = "data:image/jpeg;base64," + base64.b64encode(jpeg.tobytes()).decode()
             images.append({"type": "image_url", "image_url": {"url": url}})
         response = self.client.chat.completions.create(

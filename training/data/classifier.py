@@ -48,7 +48,9 @@ class ClassifierConfig:
 
 
 def _labelled(root: Path) -> dict[str, list[Path]]:
-    labels = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in {".mp4", ".mov", ".mkv", ".avi", ".webm"}) for d in sorted(root.iterdir()) if d.is_dir()}
+    suffixes = {".mp4", ".mov", ".mkv", ".avi", ".webm"}
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    labels = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in suffixes) for d in folders}
     if len(labels) < 2:
         raise ValueError(f"{root} needs one sub-folder per label (at least two)")
     return labels
@@ -62,12 +64,13 @@ class VideoClassifier:
         self.num_frames = model.config.num_frames
 
     @classmethod
-    def load(cls, path: str | Path) -> "VideoClassifier":
+    def load(cls, path: str | Path) -> VideoClassifier:
         """Load a classifier saved by :func:`train_classifier`."""
         from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
         info = json.loads((Path(path) / "microverse_classifier.json").read_text())
-        return cls(VideoMAEForVideoClassification.from_pretrained(path), VideoMAEImageProcessor.from_pretrained(path), info["positive"])
+        model = VideoMAEForVideoClassification.from_pretrained(path)
+        return cls(model, VideoMAEImageProcessor.from_pretrained(path), info["positive"])
 
     def pixel_values(self, paths: list[Path]) -> torch.Tensor:
         videos = [list(sample_frames(p, self.num_frames)) for p in paths]
@@ -103,13 +106,13 @@ def _build(cfg: ClassifierConfig, labels: list[str]):
 
 def precision_recall(truth: list[bool], predicted: list[bool]) -> dict[str, float]:
     """Precision, recall and accuracy of the positive class."""
-    tp = sum(t and p for t, p in zip(truth, predicted))
-    fp = sum(p and not t for t, p in zip(truth, predicted))
-    fn = sum(t and not p for t, p in zip(truth, predicted))
+    tp = sum(t and p for t, p in zip(truth, predicted, strict=True))
+    fp = sum(p and not t for t, p in zip(truth, predicted, strict=True))
+    fn = sum(t and not p for t, p in zip(truth, predicted, strict=True))
     return {
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "accuracy": sum(t == p for t, p in zip(truth, predicted)) / max(1, len(truth)),
+        "accuracy": sum(t == p for t, p in zip(truth, predicted, strict=True)) / max(1, len(truth)),
     }
 
 
@@ -137,7 +140,8 @@ def train_classifier(data_dir: str | Path, out_dir: str | Path, cfg: ClassifierC
         rng.shuffle(train)
         for i in range(0, len(train), cfg.batch_size):
             batch = train[i : i + cfg.batch_size]
-            out = model(pixel_values=torch.stack([cache[p] for p, _ in batch]), labels=torch.tensor([y for _, y in batch]))
+            pixels = torch.stack([cache[p] for p, _ in batch])
+            out = model(pixel_values=pixels, labels=torch.tensor([y for _, y in batch]))
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -152,7 +156,9 @@ def train_classifier(data_dir: str | Path, out_dir: str | Path, cfg: ClassifierC
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "microverse_classifier.json").write_text(json.dumps({"positive": cfg.positive, "config": asdict(cfg)}, indent=1))
+    info = {"positive": cfg.positive, "config": asdict(cfg)}
+    (out_dir / "microverse_classifier.json").write_text(json.dumps(info, indent=1))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    logger.info("classifier: precision %.3f recall %.3f on %d held-out clips", metrics["precision"], metrics["recall"], len(test))
+    logger.info("classifier: precision %.3f recall %.3f on %d held-out clips",
+                metrics["precision"], metrics["recall"], len(test))
     return metrics

@@ -8,6 +8,7 @@ threads for captioning) with a progress bar, and each returns a summary of count
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -15,17 +16,16 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from media.video import read_video, resize_crop, valid_frame_count
-from media.video import write_mp4 as write_video
+from media.video import probe_video, read_video, resize_crop, valid_frame_count, write_mp4
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,13 @@ def _log_summary(stage: str, summary: dict) -> dict:
 
 
 def _detect(job: tuple[str, float, float]) -> dict:
-    import av
     from scenedetect import ContentDetector, detect
 
     path, threshold, min_seconds = job
     try:
-        with av.open(path) as c:
-            fps = float(c.streams.video[0].average_rate)
-        scenes = detect(path, ContentDetector(threshold=threshold, min_scene_len=max(1, round(min_seconds * fps))), start_in_scene=True)
+        fps = probe_video(path, count_frames=False).fps
+        detector = ContentDetector(threshold=threshold, min_scene_len=max(1, round(min_seconds * fps)))
+        scenes = detect(path, detector, start_in_scene=True)
     except Exception as e:  # unreadable or corrupt file
         return {"broken": f"{type(e).__name__}: {e}"}
     if not scenes:
@@ -175,12 +174,12 @@ def _cut(job: dict) -> dict:
         return {"dropped": "broken", "error": f"{type(e).__name__}: {e}"}
     n = valid_frame_count(len(frames), job["max_frames"])
     if n < max(job["min_frames"], 1):
-        return {"dropped": "too_short", "frames": int(len(frames))}
+        return {"dropped": "too_short", "frames": len(frames)}
     first = (len(frames) - n) // 2
     h, w = frames.shape[1:3]
     height, width = min(job["buckets"], key=lambda b: abs(np.log((b[1] / b[0]) / (w / h))))
     clip = resize_crop(frames[first : first + n], height, width)
-    write_video(job["out"], clip, fps)
+    write_mp4(job["out"], clip, fps)
     return {
         "clip_start": job["start"] + first / fps,
         "clip_end": job["start"] + (first + n) / fps,
@@ -193,7 +192,8 @@ def existing_captions(root: Path) -> dict[str, str]:
     rows of an upstream-format ``root/metadata.json``, overridden by ``<video>.txt`` sidecars."""
     captions = {}
     if (root / "metadata.json").exists():
-        captions = {str(Path(r["video"])): r["prompt"] for r in json.loads((root / "metadata.json").read_text()) if r.get("prompt")}
+        rows = json.loads((root / "metadata.json").read_text())
+        captions = {str(Path(r["video"])): r["prompt"] for r in rows if r.get("prompt")}
     for sidecar in root.rglob("*.txt"):
         text = sidecar.read_text().strip()
         for ext in VIDEO_EXTENSIONS:
@@ -217,7 +217,8 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
             cid = clip_id(source, i)
             if cid in manifest.clips:
                 continue
-            record = {"id": cid, "video": f"clips/{cid}.mp4", "source": source, "shot_start": start, "shot_end": end, "level": level}
+            record = {"id": cid, "video": f"clips/{cid}.mp4", "source": source,
+                      "shot_start": start, "shot_end": end, "level": level}  # fmt: skip
             if source in captions:
                 record["prompt"], record["caption_source"] = captions[source], "provided"
             manifest.clips[cid] = {**record, "pending": True}
@@ -232,7 +233,8 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
         manifest.save(force=False)
     manifest.save()
     reasons = Counter(r.get("dropped") for r in manifest.clips.values())
-    return _log_summary("clips", {"new": len(jobs), "kept": reasons.pop(None, 0), **{f"dropped_{k}": v for k, v in reasons.items()}})
+    kept = reasons.pop(None, 0)
+    return _log_summary("clips", {"new": len(jobs), "kept": kept, **{f"dropped_{k}": v for k, v in reasons.items()}})
 
 
 # -- stage 3: motion and near-duplicates -------------------------------------------------------------
@@ -241,10 +243,11 @@ def cut_clips(cfg: DataPipelineConfig) -> dict:
 def motion_score(frames: np.ndarray) -> float:
     """Mean Farneback optical-flow magnitude between consecutive frames (pixels/frame, <=128 px side)."""
     scale = min(1.0, 128 / min(frames.shape[1:3]))
-    gray = [cv2.cvtColor(cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY) for f in frames]
+    small = [cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) for f in frames]
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in small]
     mags = [
         np.linalg.norm(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 9, 3, 5, 1.1, 0), axis=-1).mean()
-        for a, b in zip(gray[:-1], gray[1:])
+        for a, b in itertools.pairwise(gray)
     ]
     return float(np.mean(mags)) if mags else 0.0
 
@@ -259,7 +262,7 @@ def dhash(frames: np.ndarray) -> str:
 
 
 def _score(job: tuple[str, str]) -> dict:
-    cid, path = job
+    _cid, path = job
     try:
         frames, _ = read_video(path)
     except Exception as e:
@@ -280,7 +283,8 @@ def score_clips(cfg: DataPipelineConfig) -> dict:
             manifest.clips[cid]["dropped"] = "static"
         manifest.save(force=False)
     manifest.save()
-    return _log_summary("motion", {"scored": len(jobs), "static": sum(c.get("dropped") == "static" for c in manifest.clips.values())})
+    static = sum(c.get("dropped") == "static" for c in manifest.clips.values())
+    return _log_summary("motion", {"scored": len(jobs), "static": static})
 
 
 def dedup_clips(cfg: DataPipelineConfig) -> dict:
@@ -315,7 +319,7 @@ def classify_clips(cfg: DataPipelineConfig, batch_size: int = 8) -> dict:
     todo = [c for c in manifest.kept() if "classifier_score" not in c]
     for i in tqdm(range(0, len(todo), batch_size), desc="classify", disable=not todo):
         batch = todo[i : i + batch_size]
-        for clip, p in zip(batch, model.score([out / c["video"] for c in batch])):
+        for clip, p in zip(batch, model.score([out / c["video"] for c in batch]), strict=True):
             clip["classifier_score"] = p
             if p < cfg.classifier_threshold:
                 clip["dropped"] = "off_topic"
