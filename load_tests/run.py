@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from load_tests.common import API_KEY_ENV, JOBS_FILE_ENV, PACING_ENV, video_request
+from microverse.tools.service_process import free_port, spawn_service, stop_service, wait_ready
 
 logger = logging.getLogger("load_tests.run")
 
@@ -91,12 +91,6 @@ class JobCheck:
     drain_s: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -114,34 +108,15 @@ def service(cfg: Config, storage: Path):
                        MICROVERSE_JUDGE_API_KEY="load-test")
             if not env.get("MICROVERSE_BENCHMARK") and SHARED_BENCHMARK.is_dir():
                 env["MICROVERSE_BENCHMARK"] = str(SHARED_BENCHMARK)
-        port = free_port()
+        port, log = free_port(), cfg.out / "service.log"
         url = f"http://127.0.0.1:{port}"
-        log = stack.enter_context(open(cfg.out / "service.log", "ab"))
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn_service(env, port, log)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited with {proc.returncode}; see {cfg.out / 'service.log'}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service was not ready in 180 s; see {cfg.out / 'service.log'}")
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_ready(proc, port, log)
             logger.info("service ready at %s (max_queue=%d)", url, cfg.max_queue)
             yield url
         finally:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
+            stop_service(proc)
 
 
 def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None) -> Capacity:

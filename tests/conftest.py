@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from microverse.tools.service_process import free_port, kill_service, spawn_service, stop_service, wait_ready
 from tests.synthetic_microworldbench import write_microworldbench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -73,46 +62,27 @@ def make_client(make_settings):
 
 
 class Server:
-    """A ``bentoml serve service:MicroVerse`` subprocess on loopback."""
+    """A ``bentoml serve service:MicroVerse`` subprocess on loopback (``microverse.tools.service_process``)."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env}
+        self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> Server:
-        with open(self.log_path, "ab") as log:  # the server keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(self.port),
-                 "--host", "127.0.0.1"],
-                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        self.proc = spawn_service(self.env, self.port, self.log_path)
+        wait_ready(self.proc, self.port, self.log_path, timeout)
+        return self
 
     def kill9(self) -> None:
-        """SIGKILL the whole process group (a crash, not a shutdown)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        """SIGKILL the server and its workers (a crash, not a shutdown)."""
+        kill_service(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        if self.proc is not None:
+            stop_service(self.proc, grace=20)
 
 
 @pytest.fixture

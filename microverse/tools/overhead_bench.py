@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,39 +22,9 @@ import httpx
 from ..config import Settings
 from ..engine import DiffusersEngine
 from ..schemas import GenerationSpec
+from .service_process import free_port, spawn_service, stop_service, wait_ready
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    """Start ``bentoml serve`` on loopback and wait until ``/readyz`` answers 200."""
-    with open(log, "wb") as log_file:  # the service writes to its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(port),
-                                 "--host", "127.0.0.1"], cwd=REPO_ROOT, env={**os.environ, **env},
-                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("service did not become ready")
-
-
 @click.command()
 @click.option("--model", default=None, help="Checkpoint (default: the embedded model).")
 @click.option("--height", type=int, default=256, show_default=True)
@@ -76,13 +43,14 @@ def main(model, height, width, num_frames, steps, repeats, output) -> None:
                               negative_prompt="", height=height, width=width, num_frames=num_frames,
                               num_inference_steps=steps, guidance_scale=5.0, seed=0, fps=16)
         engine = DiffusersEngine.from_settings(settings)
-        port = _free_port()
-        proc = start_service(env, port, Path(tmp) / "service.log")
+        port, log = free_port(), Path(tmp) / "service.log"
+        proc = spawn_service(env, port, log)
         body = {k: getattr(spec, k) for k in ("prompt", "negative_prompt", "height", "width", "num_frames",
                                                  "guidance_scale", "seed", "fps")}
         body["num_inference_steps"] = steps
         direct, service = [], []
         try:
+            wait_ready(proc, port, log)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client:
                 for i in range(repeats + 1):  # the first round warms both sides up
                     t0 = time.perf_counter()
@@ -95,8 +63,7 @@ def main(model, height, width, num_frames, steps, repeats, output) -> None:
                         direct.append(t1 - t0)
                         service.append(t2 - t1)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_service(proc)
     result = {
         "model": engine.model.name, "device": engine.choice.device, "size": f"{width}x{height}",
         "num_frames": num_frames, "steps": steps, "repeats": repeats,
