@@ -32,7 +32,8 @@ def test_bentoml_build(bentofile, variant, tmp_path):
         reqs = tar.extractfile(next(n for n in names if n.endswith("env/python/requirements.txt"))).read().decode()
         bento_yaml = tar.extractfile(next(n for n in names if n.endswith("bento.yaml"))).read().decode()
     assert any(n.endswith("src/service.py") for n in names)
-    assert any(n.endswith("src/microverse/engine.py") for n in names)
+    for module in ("microverse/engine.py", "evaluation/judge.py", "simulator/render.py", "media/video.py"):
+        assert any(n.endswith(f"src/{module}") for n in names), module  # every layer the service imports
     assert any(n.endswith("src/microverse/assets/microverse-demo/transformer/config.json") for n in names)
     assert not any("/tests/" in n for n in names)
     assert "diffusers==0.42.1" in reqs
