@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from evaluation.fake_judge import FakeJudgeServer
 from evaluation.judge import JudgeConfig
 from evaluation.microworldbench import DIMENSIONS, Benchmark, load_benchmark
+from evaluation.scoring import Summary, score_task, summarize
 from media.video import write_mp4
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,11 +64,26 @@ def _naive_scores(entry: dict, judgements: dict[str, list[int]]) -> tuple[dict[s
     return dims, max(0.0, total_r / total_m) * 100
 
 
+def _random_judgement_regression(benchmark: Benchmark, folder: Path) -> Summary:
+    """Score every task of ``benchmark`` with seeded random judgements, checking each task against the
+    published formula applied to ``folder``'s ``MWBenchRubrics_norm.json`` as written; returns the summary."""
+    norm = {t["index"]: t for t in json.loads((folder / "MWBenchRubrics_norm.json").read_text())}
+    rng = random.Random(1234)
+    scores = []
+    for index, task in sorted(benchmark.tasks.items()):
+        judgements = {d: [rng.randint(0, 1) for _ in task.rubrics[d]] for d in DIMENSIONS}
+        got = score_task(task, judgements)
+        dims, pooled = _naive_scores(norm[index], judgements)
+        assert got.dimensions == pytest.approx(dims) and got.score == pytest.approx(pooled), index
+        scores.append(got)
+    return summarize(scores, n_resamples=500)
+
+
 @pytest.fixture(scope="session")
-def naive_scores():
-    """``naive_scores(norm_entry, judgements) -> (dimension scores, task score)``: the published formula
-    applied to one entry of ``MWBenchRubrics_norm.json`` as written, to check the loader and scorer against."""
-    return _naive_scores
+def random_judgement_regression():
+    """``random_judgement_regression(benchmark, folder) -> Summary``: every task scored with seeded random
+    judgements, each checked against the published formula on the folder's files as written."""
+    return _random_judgement_regression
 
 
 @pytest.fixture()

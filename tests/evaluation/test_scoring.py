@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 
 from evaluation.microworldbench import DIMENSIONS, Criterion, Task
@@ -70,17 +67,8 @@ def test_missing_dimension_marks_task_partial_and_is_excluded():
     assert summary.by_dimension["scientific"].mean == pytest.approx(100.0)
 
 
-def test_regression_every_task_with_random_judgements(bench, bench_dir, naive_scores):
-    norm = {t["index"]: t for t in json.loads((bench_dir / "MWBenchRubrics_norm.json").read_text())}
-    rng = random.Random(1234)
-    scores = []
-    for index, task in sorted(bench.tasks.items()):
-        judgements = {d: [rng.randint(0, 1) for _ in task.rubrics[d]] for d in DIMENSIONS}
-        got = score_task(task, judgements)
-        dims, pooled = naive_scores(norm[index], judgements)
-        assert got.dimensions == pytest.approx(dims) and got.score == pytest.approx(pooled), index
-        scores.append(got)
-    summary = summarize(scores, n_resamples=500)
+def test_regression_every_task_with_random_judgements(bench, bench_dir, random_judgement_regression):
+    summary = random_judgement_regression(bench, bench_dir)
     assert summary.n_valid == 16 and not summary.partial
     assert summary.overall.n == 16
     assert sum(summary.by_level[lv].n for lv in summary.by_level) == 16
