@@ -1,8 +1,9 @@
 """Resumable store of judgements and generation jobs (SQLite, one commit per record).
 
 A judgement is keyed by video SHA-256, task index, dimension, rubric hash, judge model,
-prompt version and repeat number, so a re-run after a kill repeats no judge call whose
-answer was received, and a changed prompt, rubric, model or video is judged afresh.
+judge protocol version (column ``prompt_version``, :attr:`~evaluation.judge.JudgeProtocol.version`)
+and repeat number, so a re-run after a kill repeats no judge call whose answer was received,
+and a changed protocol, rubric, model or video is judged afresh.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from typing import Any
 
 import click
 
-from .judge import JudgeConfig, JudgeConfigError, VLMJudge
+from .judge import PROTOCOLS, JudgeConfig, JudgeConfigError, VLMJudge
 from .microworldbench import LEVELS, load_benchmark, select_tasks
 from .physics.cli import physics_command
 from .report import build_report, compare_markdown, load_report, plot_reports, render_markdown, write_report
 from .runner import EvalResult, GenerationConfig, export_upstream, rescore_upstream, run_eval
+from .scoring import SCORINGS
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,27 @@ def _benchmark_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _scoring_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--scoring",
+        type=click.Choice(SCORINGS),
+        default=SCORINGS[0],
+        show_default=True,
+        help="Scoring reading: corrected, or published (the upstream scorer bit for bit); see evaluation/README.md.",
+    )(f)
+
+
 def _judge_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--judge-base-url", help="OpenAI-compatible judge URL (env MICROVERSE_JUDGE_BASE_URL)."),
         click.option("--judge-api-key", help="Judge API key (env MICROVERSE_JUDGE_API_KEY)."),
         click.option("--judge-model", help="Judge model name (env MICROVERSE_JUDGE_MODEL)."),
+        click.option(
+            "--judge-protocol",
+            type=click.Choice(list(PROTOCOLS)),
+            help="Judge protocol: ours (default), or upstream to reproduce the published evaluator's requests "
+            "(env MICROVERSE_JUDGE_PROTOCOL).",
+        ),
         click.option("--concurrency", type=int, help="Judge requests in flight."),
         click.option("--rpm", type=float, help="Judge requests per minute (0: unlimited)."),
         click.option("--price-input", type=float, help="USD per million prompt tokens."),
@@ -59,6 +76,7 @@ def _make_judge(kw: dict[str, Any]) -> VLMJudge:
         "base_url": kw.pop("judge_base_url"),
         "api_key": kw.pop("judge_api_key"),
         "model": kw.pop("judge_model"),
+        "protocol": kw.pop("judge_protocol"),
         "concurrency": kw.pop("concurrency"),
         "rpm": kw.pop("rpm"),
         "price_input_per_mtok": kw.pop("price_input"),
@@ -127,6 +145,7 @@ def eval_group() -> None:
 )
 @click.option("--agreement-repeats", type=int, default=3, show_default=True, help="Judgements per agreement task.")
 @click.option("--debug", is_flag=True, help="Judge 3 tasks with verbose logging.")
+@_scoring_option
 @_judge_options
 def run_command(**kw: Any) -> None:
     """Generate (or read) videos, judge, score and report; resumable."""
@@ -171,6 +190,7 @@ def run_command(**kw: Any) -> None:
         agreement_tasks=kw["agreement_tasks"],
         agreement_repeats=kw["agreement_repeats"],
         seed=kw["seed"],
+        scoring=kw["scoring"],
     )
     export_upstream(result, out / f"{kw['model_name']}_result.json")
     report = build_report(result, n_resamples=200 if kw["debug"] else 2000, seed=kw["seed"])
@@ -242,14 +262,15 @@ def agreement_command(**kw: Any) -> None:
 )
 @_benchmark_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@_scoring_option
 def import_command(
-    result_file: Path, model_name: str | None, out: Path | None, benchmark: str | None, seed: int
+    result_file: Path, model_name: str | None, out: Path | None, benchmark: str | None, seed: int, scoring: str
 ) -> None:
-    """Rescore an upstream <model>_result.json with the faithful scorer."""
+    """Rescore an upstream <model>_result.json in a scoring reading (published: the upstream scorer exactly)."""
     _setup_logging(False)
     bench = load_benchmark(benchmark)
     try:
-        result = rescore_upstream(result_file, bench, model_name)
+        result = rescore_upstream(result_file, bench, model_name, scoring)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     out = out or Path("runs") / f"{result.model_name}-upstream"

@@ -2,7 +2,8 @@
 
 It serves ``POST /v1/chat/completions`` on loopback. The answer for a prompt is derived from
 a hash of the prompt text (repeat seeds flip about one judgement in ten, so agreement runs
-are not trivially perfect). It counts every answered request per request-content hash, can
+are not trivially perfect); it has one score per criterion of either judge protocol's prompt.
+It keeps the last request bodies, counts every answered request per request-content hash, can
 reject request options with 400, answer 413 above a body size, hold requests beyond a number
 of answers (to kill a client mid-run), and play a script of faults: ``"429"``, ``"500"``,
 ``"short"`` (one score too few), ``"garbage"`` (no JSON).
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse
 logger = logging.getLogger(__name__)
 
 _COUNT_RE = re.compile(r"Evaluation Criteria \((\d+)\)")
+_CRITERION_RE = re.compile(r"^\d+\. \[(?:Positive|Penalty) Point\] ", re.M)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class FakeJudgeState:
     """Model names served (None: any); others get 404."""
     reserved: int = 0
     """Requests admitted and not yet answered."""
+    bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    """The last 64 chat request bodies received (parsed JSON, refused ones included), oldest first."""
     answered: Counter[str] = field(default_factory=Counter)
     """Answered (200) requests per hash of the request's messages."""
     status_counts: Counter[int] = field(default_factory=Counter)
@@ -78,9 +82,14 @@ def _bits(text: str, n: int, salt: str) -> list[int]:
 
 
 def fake_answer(prompt: str, seed: int | None) -> dict[str, Any]:
-    """The deterministic answer to a judge prompt."""
+    """The deterministic answer to a judge prompt.
+
+    It has as many scores as the prompt's "Evaluation Criteria (n)" heading says (``ours``), else
+    as it lists numbered "[Positive Point]"/"[Penalty Point]" lines (``upstream``), else 5 (an
+    upstream prompt for a ``d11..d55`` block lists none).
+    """
     match = _COUNT_RE.search(prompt)
-    n = int(match.group(1)) if match else 5
+    n = int(match.group(1)) if match else len(_CRITERION_RE.findall(prompt)) or 5
     scores = _bits(prompt, n, "scores")
     if seed:
         flips = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
@@ -105,6 +114,9 @@ def create_app(state: FakeJudgeState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> JSONResponse:
         body = await request.body()
+        data = json.loads(body)
+        with state.lock:
+            state.bodies.append(data)
 
         def reply(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
             with state.lock:
@@ -113,7 +125,6 @@ def create_app(state: FakeJudgeState) -> FastAPI:
 
         if state.max_body_bytes is not None and len(body) > state.max_body_bytes:
             return reply(413, {"error": {"message": "request entity too large", "type": "invalid_request_error"}})
-        data = json.loads(body)
         if state.models is not None and data.get("model") not in state.models:
             return reply(
                 404, {"error": {"message": f"model {data.get('model')!r} does not exist", "type": "not_found"}}

@@ -1,15 +1,16 @@
 """Vision-language judge for MicroWorldBench through any OpenAI-compatible chat API.
 
-One request per (video, task, dimension), as published: 8 frames at
-``floor((i + 0.5) * N / 8)``, a prompt holding the task, its requirements and the numbered
-criteria, and a JSON answer ``{"scores": [0/1...], "reasons": [...], "reasoning": "..."}``.
+One request per (video, task, dimension). What is sent and how the answer is read is a
+:class:`JudgeProtocol`: ``ours`` (the default) or ``upstream`` (the published evaluator's
+request, reproduced exactly); see the README's "Judge protocols". Both send 8 frames at
+``floor((i + 0.5) * N / 8)``.
 
-Reliability: transport errors, 429 and 5xx are retried with exponential backoff by the
-``openai`` client (``max_retries``, honouring ``Retry-After``); 413 re-sends smaller frames;
-an unparsable answer or one whose number of scores differs from the number of criteria is
-re-asked in the same conversation; request options the server rejects (JSON schema,
-temperature, seed) are dropped once and remembered. Concurrency and requests per minute are
-limited across all threads using the judge.
+Reliability, the same under every protocol: transport errors, 429 and 5xx are retried with
+exponential backoff by the ``openai`` client (``max_retries``, honouring ``Retry-After``); 413
+re-sends smaller frames as the protocol says; under ``ours`` an unparsable answer or one whose
+number of scores differs from the number of criteria is re-asked in the same conversation, and
+request options the server rejects (JSON schema, temperature, seed) are dropped once and
+remembered. Concurrency and requests per minute are limited across all threads using the judge.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import media.video
@@ -38,8 +39,45 @@ from .microworldbench import DIMENSION_TITLES, Criterion
 
 logger = logging.getLogger(__name__)
 
-PROMPT_VERSION = "mwb-judge-v1"
-"""Version of the prompt template; part of every cache key."""
+PromptBuilder = Callable[[str, str, str, Sequence[Criterion], int], str]
+"""``(task, requirement, dimension, criteria, num_frames) -> prompt``."""
+
+
+@dataclass(frozen=True)
+class JudgeProtocol:
+    """What the judge is sent and how its answer is read: prompt, sampling, frames, parsing.
+
+    Transport (retries with backoff, rate and concurrency limits, cost accounting) is the same
+    under every protocol. Instances: :data:`OURS` and :data:`UPSTREAM`, by name in :data:`PROTOCOLS`.
+    """
+
+    name: str
+    """Name chosen with ``--judge-protocol`` or ``MICROVERSE_JUDGE_PROTOCOL``."""
+    version: str
+    """Names the protocol and its revision, unique across protocols: the protocol's part of every judgement's
+    cache key, so a changed protocol is judged afresh (``ours`` keeps ``mwb-judge-v1``, the prompt version
+    of caches written before protocols existed)."""
+    prompt: PromptBuilder
+    """Builds the prompt text of one dimension."""
+    temperature: float | None
+    """Sampling temperature sent (None: not sent, the server's default)."""
+    seed: int | None
+    """Sampling seed sent; repeat ``r`` of an agreement run sends ``seed + r`` (None: not sent)."""
+    json_schema: bool
+    """Send a strict JSON schema (:func:`response_schema`) as ``response_format``."""
+    num_frames: int
+    """Frames per request, at positions ``floor((i + 0.5) * N / num_frames)``."""
+    max_image_side: int | None
+    """Frames with a longer side are downscaled to it (None: native resolution)."""
+    jpeg_quality: int
+    """JPEG quality of the frames of the first request."""
+    qualities_on_413: tuple[int, ...]
+    """After each HTTP 413 the first request's JPEGs are re-encoded at the next of these qualities; empty:
+    the longest side is halved instead (down to 64 px)."""
+    strict: bool
+    """True: an answer needs exactly one 0/1 score per criterion (:func:`parse_answer`), else it is re-asked
+    (``max_reasks``). False: the JSON object from the first ``{`` to the last ``}`` is taken as it is
+    (:func:`parse_upstream_answer`), never re-asked."""
 
 
 class JudgeConfig(BaseSettings):
@@ -62,21 +100,20 @@ class JudgeConfig(BaseSettings):
     max_retries: int = Field(5, ge=0)
     """Retries with backoff on connection errors, 429 and 5xx."""
     max_reasks: int = Field(2, ge=0)
-    """Re-asks after an unparsable or wrong-length answer."""
-    temperature: float = 0.0
-    """Sampling temperature (dropped if the model rejects it)."""
-    seed: int | None = 0
-    """Sampling seed where supported (dropped if rejected); repeat r uses ``seed + r``."""
-    num_frames: int = Field(8, ge=1)
-    """Frames sent per request (published: 8)."""
-    max_image_side: int = Field(1024, ge=64)
-    """Longest side of a frame sent to the judge; halved on every HTTP 413."""
-    jpeg_quality: int = Field(90, ge=10, le=100)
-    """JPEG quality of the frames."""
+    """Re-asks after an unparsable or wrong-length answer (protocols with strict answers)."""
+    protocol: str = "ours"
+    """Judge protocol (:data:`PROTOCOLS`): ``ours``, or ``upstream`` to reproduce the published evaluator."""
     price_input_per_mtok: float = Field(0.0, ge=0)
     """USD per million prompt tokens, for cost accounting."""
     price_output_per_mtok: float = Field(0.0, ge=0)
     """USD per million completion tokens."""
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        if value not in PROTOCOLS:
+            raise ValueError(f"unknown judge protocol {value!r}; choose from {', '.join(PROTOCOLS)}")
+        return value
 
     @classmethod
     def from_env(cls) -> JudgeConfig | None:
@@ -124,6 +161,43 @@ def _encode_jpeg(image: Image.Image, max_side: int, quality: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _reencode_jpeg(jpeg_b64: str, quality: int) -> str:
+    """A base64 JPEG decoded and encoded again at ``quality`` (same size)."""
+    with Image.open(io.BytesIO(base64.b64decode(jpeg_b64))) as image:
+        return _encode_jpeg(image, max(image.size), quality)
+
+
+class _EncodedFrames:
+    """The frames of one judgement as base64 JPEGs, made smaller after each HTTP 413 as the protocol says."""
+
+    def __init__(self, frames: Sequence[Image.Image], protocol: JudgeProtocol) -> None:
+        self._frames = frames
+        self._protocol = protocol
+        self._side = max(max(f.size) for f in frames)
+        if protocol.max_image_side is not None:
+            self._side = min(protocol.max_image_side, self._side)
+        self._lower = list(protocol.qualities_on_413)
+        self._first = [_encode_jpeg(f, self._side, protocol.jpeg_quality) for f in frames]
+        self.jpegs = self._first
+        """The current base64 JPEGs."""
+
+    def shrink(self) -> bool:
+        """Encode the frames smaller; False when the protocol allows nothing smaller."""
+        if self._protocol.qualities_on_413:
+            if not self._lower:
+                return False
+            quality = self._lower.pop(0)
+            self.jpegs = [_reencode_jpeg(jpeg, quality) for jpeg in self._first]
+            logger.warning("judge payload too large (413); frames re-encoded at JPEG quality %d", quality)
+            return True
+        if self._side <= 64:
+            return False
+        self._side //= 2
+        self.jpegs = [_encode_jpeg(f, self._side, self._protocol.jpeg_quality) for f in self._frames]
+        logger.warning("judge payload too large (413); frames down to %d px", self._side)
+        return True
+
+
 def build_prompt(
     task: str, requirement: str, dimension: str, criteria: Sequence[Criterion], num_frames: int = 8
 ) -> str:
@@ -146,6 +220,44 @@ def build_prompt(
         "**Output (JSON only):**\n"
         '{"scores": [0 or 1, ...], "reasons": ["why, for each criterion", ...], "reasoning": "overall summary"}\n'
         f'"scores" and "reasons" must each have exactly {n} elements, in criterion order.'
+    )
+
+
+def upstream_prompt(
+    task: str, requirement: str, dimension: str, criteria: Sequence[Criterion], num_frames: int = 8
+) -> str:
+    """The published evaluator's prompt, character for character, as it builds it from ``MWBenchRubrics.json``.
+
+    It read the task text under keys that file lacks, so Task Description and Detailed
+    Requirements are empty (``task`` and ``requirement`` are ignored); it lists only the criteria
+    numbered 1..9, under their published numbers (:attr:`Criterion.number`), so a block numbered
+    ``d11..d55`` lists none; its "8 video screenshots" are fixed (``num_frames`` is ignored). A
+    criterion is a Positive Point iff its sign is positive (the published files write every sign
+    ``"+1"`` or ``"-1"``; upstream tests for the string ``"+1"``).
+    """
+    title = DIMENSION_TITLES[dimension]
+    numbered = ((c.number or k, c) for k, c in enumerate(criteria, 1))
+    listed = "".join(
+        f"{k}. [{'Positive Point' if c.sign > 0 else 'Penalty Point'}] {c.text}\n" for k, c in numbered if 1 <= k <= 9
+    )
+    return (
+        "You are a professional video evaluation expert. Please evaluate this microscopic world scientific "
+        f"animation video in the {title} dimension according to the following criteria.\n\n"
+        "**Task Description:**\n\n\n"
+        "**Detailed Requirements:**\n\n\n"
+        f"**{title} Evaluation Criteria:**\n{listed}\n\n"
+        "**Evaluation Instructions:**\n"
+        "1. Carefully observe the 8 video screenshots arranged in chronological order.\n"
+        "2. Judge each evaluation point: mark 1 if the criterion is met, 0 otherwise.\n"
+        "3. Positive Points: score 1 if the video meets the standard.\n"
+        "4. Penalty Points: score 1 if the video exhibits the described problem.\n"
+        "5. Provide detailed reasoning for every judgment.\n\n"
+        "**Output Format (strict JSON):**\n"
+        "{\n"
+        '    "scores": [score1, score2, ...],\n'
+        '    "reasoning": "Detailed reasoning explaining the judgment for each criterion."\n'
+        "}\n\n"
+        'The length of "scores" must equal the number of evaluation points; each element is 0 or 1.'
     )
 
 
@@ -212,14 +324,70 @@ def parse_answer(text: str, n: int) -> tuple[list[int], list[str], str]:
     return scores, reasons, str(data.get("reasoning", ""))
 
 
+def parse_upstream_answer(text: str) -> tuple[list[int], dict[str, Any]]:
+    """Read an answer as the published evaluator and scorer do: ``json.loads`` of the text from the first
+    ``{`` to the last ``}``, nothing validated.
+
+    Returns the scores as the published scorer counts them (1 where the value equals 1, else 0),
+    as many as the answer gave, and the parsed object. Raises ValueError when there is no object
+    with a non-empty ``scores`` list (the published scorer drops such a task).
+    """
+    start, end = text.find("{"), text.rfind("}")
+    if start == -1 or end <= start:
+        raise ValueError("no JSON object")
+    try:
+        data = json.loads(text[start : end + 1])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), list) or not data["scores"]:
+        raise ValueError("no JSON object with a non-empty 'scores' list")
+    return [int(value == 1) for value in data["scores"]], data
+
+
+OURS = JudgeProtocol(
+    name="ours",
+    version="mwb-judge-v1",
+    prompt=build_prompt,
+    temperature=0.0,
+    seed=0,
+    json_schema=True,
+    num_frames=8,
+    max_image_side=1024,
+    jpeg_quality=90,
+    qualities_on_413=(),
+    strict=True,
+)
+"""The default: task text and renumbered criteria in the prompt, repeatable sampling, schema-checked answers."""
+
+UPSTREAM = JudgeProtocol(
+    name="upstream",
+    version="mwb-upstream-v1",
+    prompt=upstream_prompt,
+    temperature=None,
+    seed=None,
+    json_schema=False,
+    num_frames=8,
+    max_image_side=None,
+    jpeg_quality=100,
+    qualities_on_413=(30, 20, 10),
+    strict=False,
+)
+"""The published evaluator's request (upstream ``eval/video_evaluator.py``), to reproduce the paper's numbers."""
+
+PROTOCOLS: dict[str, JudgeProtocol] = {p.name: p for p in (OURS, UPSTREAM)}
+"""Judge protocols by name."""
+
+
 @dataclass(frozen=True)
 class Judgement:
     """The judge's verdict on one dimension of one video."""
 
     scores: list[int]
-    """0/1 per criterion."""
+    """0/1 per criterion. Under a non-strict protocol (``upstream``) the answer's scores as the published
+    scorer counts them (:func:`parse_upstream_answer`), as many as given: possibly more or fewer than the
+    criteria."""
     reasons: list[str]
-    """Reason per criterion (empty strings when the model gave none)."""
+    """Reason per score (empty strings when the model gave none)."""
     reasoning: str
     """Overall reasoning."""
     raw_response: str
@@ -232,6 +400,9 @@ class Judgement:
     """Cost of those tokens."""
     requests: int
     """HTTP requests answered (re-asks included)."""
+    parsed: dict[str, Any] | None = None
+    """Under a non-strict protocol, the answer's JSON object as parsed, unvalidated (what the published
+    evaluator stores as ``parsed_result``); None under a strict one."""
 
 
 class _RateLimiter:
@@ -273,6 +444,8 @@ class VLMJudge:
         if not config.base_url:
             raise ValueError("JudgeConfig.base_url is required (or set MICROVERSE_JUDGE_BASE_URL)")
         self.config = config
+        self.protocol = PROTOCOLS[config.protocol]
+        """The judge protocol (``config.protocol``)."""
         self.client = client or openai.OpenAI(
             base_url=config.base_url, api_key=config.api_key, timeout=config.timeout_s, max_retries=config.max_retries
         )
@@ -287,11 +460,11 @@ class VLMJudge:
         return (prompt_tokens * c.price_input_per_mtok + completion_tokens * c.price_output_per_mtok) / 1e6
 
     def _complete(self, messages: list[dict[str, Any]], n: int, seed: int | None) -> Any:
-        """One chat completion, dropping request options the server rejects."""
+        """One chat completion with the protocol's options, dropping those the server rejects."""
         while True:
             params: dict[str, Any] = {
-                "response_format": response_schema(n),
-                "temperature": self.config.temperature,
+                "response_format": response_schema(n) if self.protocol.json_schema else None,
+                "temperature": self.protocol.temperature,
                 "seed": seed,
             }
             params = {k: v for k, v in params.items() if k not in self._unsupported and v is not None}
@@ -307,6 +480,48 @@ class VLMJudge:
                 logger.warning("judge server rejected %s; retrying without", rejected)
                 self._unsupported.update(rejected)
 
+    def _send(
+        self, prompt: str, encoded: _EncodedFrames, followups: list[dict[str, Any]], n: int, seed: int | None
+    ) -> tuple[Any, int, int]:
+        """One answered request, re-sent with smaller frames after each HTTP 413 the protocol allows; returns the
+        response and its prompt and completion tokens (added to :attr:`usage`)."""
+        while True:
+            images = [
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + jpeg}} for jpeg in encoded.jpegs
+            ]
+            messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, *images]}, *followups]
+            try:
+                response = self._complete(messages, n, seed)
+                break
+            except openai.APIStatusError as exc:
+                if exc.status_code == 413 and encoded.shrink():
+                    continue
+                if exc.status_code in (401, 403, 404):
+                    raise JudgeConfigError(
+                        f"judge at {self.config.base_url} refused model {self.config.model!r}: {exc}"
+                    ) from exc
+                raise JudgeError(f"judge request failed: {exc}") from exc
+            except openai.APIConnectionError as exc:
+                raise JudgeError(f"judge unreachable: {exc}") from exc
+        usage = response.usage
+        pt, ct = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+        with self._lock:
+            self.usage.requests += 1
+            self.usage.prompt_tokens += pt
+            self.usage.completion_tokens += ct
+            self.usage.cost_usd += self._cost(pt, ct)
+        return response, pt, ct
+
+    def _read(self, text: str, n: int) -> tuple[list[int], list[str], str, dict[str, Any] | None]:
+        """``(scores, reasons, reasoning, parsed)`` of an answer, read as the protocol says; ValueError if unusable."""
+        if self.protocol.strict:
+            return (*parse_answer(text, n), None)
+        scores, parsed = parse_upstream_answer(text)
+        reasons = parsed.get("reasons")
+        if not (isinstance(reasons, list) and len(reasons) == len(scores)):
+            reasons = [""] * len(scores)
+        return scores, [str(r) for r in reasons], str(parsed.get("reasoning", "")), parsed
+
     def judge(
         self,
         frames: Sequence[Image.Image],
@@ -317,66 +532,35 @@ class VLMJudge:
         repeat: int = 0,
     ) -> Judgement:
         """Judge one dimension; ``repeat`` > 0 asks again with seed ``seed + repeat`` (agreement runs)."""
+        protocol = self.protocol
         n = len(criteria)
-        prompt = build_prompt(task, requirement, dimension, criteria, len(frames))
-        seed = None if self.config.seed is None else self.config.seed + repeat
-        max_side = min(self.config.max_image_side, max(max(f.size) for f in frames))
+        prompt = protocol.prompt(task, requirement, dimension, criteria, len(frames))
+        seed = None if protocol.seed is None else protocol.seed + repeat
+        encoded = _EncodedFrames(frames, protocol)
         followups: list[dict[str, Any]] = []
-        totals = [0, 0, 0]  # prompt tokens, completion tokens, requests
-        attempts = 0
+        tokens = [0, 0]  # prompt, completion
+        requests = 1 + (self.config.max_reasks if protocol.strict else 0)
         last_error = "no answer"
-        while attempts <= self.config.max_reasks:
-            images = [
-                {
-                    "type": "image_url",
-                    "image_url": {
-                        "url": "data:image/jpeg;base64," + _encode_jpeg(f, max_side, self.config.jpeg_quality)
-                    },
-                }
-                for f in frames
-            ]
-            messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, *images]}, *followups]
-            try:
-                response = self._complete(messages, n, seed)
-            except openai.APIStatusError as exc:
-                if exc.status_code == 413 and max_side > 64:
-                    max_side //= 2
-                    logger.warning("judge payload too large (413); frames down to %d px", max_side)
-                    continue
-                if exc.status_code in (401, 403, 404):
-                    raise JudgeConfigError(
-                        f"judge at {self.config.base_url} refused model {self.config.model!r}: {exc}"
-                    ) from exc
-                raise JudgeError(f"judge request failed: {exc}") from exc
-            except openai.APIConnectionError as exc:
-                raise JudgeError(f"judge unreachable: {exc}") from exc
-            attempts += 1
-            usage = response.usage
-            pt, ct = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
-            totals[0] += pt
-            totals[1] += ct
-            totals[2] += 1
-            with self._lock:
-                self.usage.requests += 1
-                self.usage.prompt_tokens += pt
-                self.usage.completion_tokens += ct
-                self.usage.cost_usd += self._cost(pt, ct)
+        for attempt in range(1, requests + 1):
+            response, pt, ct = self._send(prompt, encoded, followups, n, seed)
+            tokens[0] += pt
+            tokens[1] += ct
             text = (response.choices[0].message.content or "") if response.choices else ""
             try:
-                scores, reasons, reasoning = parse_answer(text, n)
+                scores, reasons, reasoning, parsed = self._read(text, n)
             except ValueError as exc:
                 last_error = str(exc)
-                logger.info("re-asking judge (%s, %s): %s", dimension, self.config.model, exc)
-                followups = [
-                    {"role": "assistant", "content": text},
-                    {
-                        "role": "user",
-                        "content": f"Your answer was not usable ({exc}). Reply with the JSON object only, with "
-                        f"exactly {n} scores (0 or 1) and {n} reasons, one per criterion in order.",
-                    },
-                ]
+                if protocol.strict:
+                    logger.info("re-asking judge (%s, %s): %s", dimension, self.config.model, exc)
+                    followups = [
+                        {"role": "assistant", "content": text},
+                        {
+                            "role": "user",
+                            "content": f"Your answer was not usable ({exc}). Reply with the JSON object only, with "
+                            f"exactly {n} scores (0 or 1) and {n} reasons, one per criterion in order.",
+                        },
+                    ]
                 continue
-            return Judgement(
-                scores, reasons, reasoning, text, totals[0], totals[1], self._cost(totals[0], totals[1]), totals[2]
-            )
-        raise JudgeError(f"no valid answer after {attempts} request(s): {last_error}")
+            cost = self._cost(tokens[0], tokens[1])
+            return Judgement(scores, reasons, reasoning, text, tokens[0], tokens[1], cost, attempt, parsed=parsed)
+        raise JudgeError(f"no valid answer after {requests} request(s): {last_error}")

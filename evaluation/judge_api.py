@@ -24,7 +24,7 @@ import httpx
 from pydantic import BaseModel, Field, model_validator
 
 from .cache import JudgementCache
-from .judge import PROMPT_VERSION, JudgeConfig, VideoError, VLMJudge, sample_frames
+from .judge import JudgeConfig, JudgeError, VideoError, VLMJudge, sample_frames
 from .microworldbench import DIMENSIONS, Benchmark, Criterion, RubricError, Task, load_benchmark, parse_block
 from .scoring import dimension_raw, normalise
 
@@ -44,8 +44,22 @@ class JudgeInputError(ValueError):
         """Suggested HTTP status (400, 404, 413, 422)."""
 
 
+MAX_RUBRIC_WEIGHT = 1e6
+"""Largest weight a custom rubric may give a criterion: scores stay finite however many criteria it has."""
+
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix (RFC 6052): its last 32 bits are the IPv4 address reached."""
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+"""Deprecated IPv4-compatible addresses (RFC 4291): ``::127.0.0.1``, which ``ipaddress`` calls global."""
+NOT_GLOBAL_IPV6 = (ipaddress.IPv6Network("64:ff9b:1::/48"),)
+"""Non-global IPv6 ranges ``ipaddress`` may not know: the local-use NAT64 prefix (RFC 8215)."""
+
+
 class CustomRubric(BaseModel):
-    """A rubric in the published format: task text plus one or more ``rubrics_<dimension>`` blocks."""
+    """A rubric in the published format: task text plus one or more ``rubrics_<dimension>`` blocks.
+
+    Weights must be finite and at most :data:`MAX_RUBRIC_WEIGHT`.
+    """
 
     task: str = Field("", description="Task text (the generation prompt).")
     requirement: str = Field("", description="Detailed requirements shown to the judge.")
@@ -99,7 +113,7 @@ class JudgeResponse(BaseModel):
 
     task_index: int | None = Field(description="Benchmark task, or None for a custom rubric.")
     judge_model: str = Field(description="Judge model.")
-    prompt_version: str = Field(description="Judge prompt version.")
+    prompt_version: str = Field(description="Judge protocol version (ours: mwb-judge-v1).")
     video_sha256: str = Field(description="SHA-256 of the judged video.")
     dimensions: list[DimensionJudgement] = Field(description="Judged dimensions.")
     task_score: float = Field(description="Pooled max(0, sum R / sum M) * 100 over the judged dimensions.")
@@ -150,6 +164,7 @@ class JudgeService:
                 criteria[dim], _ = parse_block(block, where=f"rubrics_{dim}")
             except RubricError as exc:
                 raise JudgeInputError(f"rubric.rubrics_{dim}", str(exc)) from None
+            _check_weights(criteria[dim], f"rubric.rubrics_{dim}")
         return Task(index=0, task=rubric.task, requirement=rubric.requirement, level=None, rubrics=criteria)
 
     def judge_video(
@@ -159,7 +174,7 @@ class JudgeService:
         task = self._task(task_index, rubric)
         data = Path(video).read_bytes() if isinstance(video, (str, Path)) else bytes(video)
         try:
-            frames = sample_frames(data, self.judge.config.num_frames)
+            frames = sample_frames(data, self.judge.protocol.num_frames)
         except VideoError as exc:
             raise JudgeInputError("video", f"not a decodable video ({exc})") from None
         sha = hashlib.sha256(data).hexdigest()
@@ -168,7 +183,7 @@ class JudgeService:
         spent = [0, 0, 0.0]
         total_raw = total_max = 0.0
         for dim, criteria in task.rubrics.items():
-            key = (sha, task.index, dim, task.rubric_hash(dim), model, PROMPT_VERSION)
+            key = (sha, task.index, dim, task.rubric_hash(dim), model, self.judge.protocol.version)
             judgement = self._cache.get(*key) if self._cache else None
             if judgement is None:
                 judgement = self.judge.judge(frames, task.task, task.requirement, dim, criteria)
@@ -177,6 +192,8 @@ class JudgeService:
                 spent[2] += judgement.cost_usd
                 if self._cache:
                     self._cache.put(*key, judgement)
+            if len(judgement.scores) != len(criteria):  # possible under a protocol that does not re-ask
+                raise JudgeError(f"{dim}: {len(judgement.scores)} scores for {len(criteria)} criteria")
             raw, max_possible = dimension_raw(criteria, judgement.scores)
             total_raw += raw
             total_max += max_possible
@@ -205,7 +222,7 @@ class JudgeService:
         return JudgeResponse(
             task_index=task_index,
             judge_model=model,
-            prompt_version=PROMPT_VERSION,
+            prompt_version=self.judge.protocol.version,
             video_sha256=sha,
             dimensions=dims,
             task_score=normalise(total_raw, total_max),
@@ -227,6 +244,7 @@ class JudgeService:
         ``job_video`` maps a job id of the service to its finished mp4 (None if unknown or
         not finished).
         """
+        _check_text(request.model_dump(exclude_none=True))
         sources = [
             upload is not None,
             request.video_base64 is not None,
@@ -254,11 +272,60 @@ class JudgeService:
         return self.judge_video(video, task_index=request.task_index, rubric=request.rubric)
 
 
+def _check_weights(criteria: tuple[Criterion, ...], where: str) -> None:
+    """Refuse a custom rubric weight above :data:`MAX_RUBRIC_WEIGHT` (huge weights overflow the score to inf)."""
+    for criterion in criteria:
+        if criterion.weight > MAX_RUBRIC_WEIGHT:
+            message = f"weight {criterion.weight:g} is above the limit of {MAX_RUBRIC_WEIGHT:g}"
+            raise JudgeInputError(f"{where}.w{criterion.number}", message)
+
+
+def _check_text(data: Any) -> None:
+    """Raise :class:`JudgeInputError` (400) naming the first string in ``data`` (a request as plain data, keys
+    included) that UTF-8 cannot encode: a lone surrogate, which no judge prompt, hash or response can carry."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:  # iterative: nesting depth costs no recursion
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise JudgeInputError(where or "body", f"not valid UTF-8 text: a lone surrogate at character "
+                                      f"{exc.start}", 400) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                stack += [(path, key), (path, item)]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+
+
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for globally routable unicast addresses (no loopback, private, link-local, multicast, reserved)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """True for globally routable unicast addresses (no loopback, private, link-local, multicast, reserved).
+
+    An IPv6 address that carries an IPv4 one (IPv4-mapped or -compatible, 6to4, Teredo, NAT64) is judged by
+    the IPv4 address(es) it leads to: ``2002:7f00:1::`` is loopback.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in net for net in NOT_GLOBAL_IPV6):
+            return False
+        embedded = _embedded_ipv4(address)
+        if embedded:
+            return all(is_public_address(a) for a in embedded)
     return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to (its Teredo server and client both), or [] when none."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if address in NAT64_PREFIX or address in IPV4_COMPATIBLE:  # the IPv4 address is the last 32 bits
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
 
 
 def _resolve_checked(host: str, port: int, allowed: Callable[[Any], bool]) -> str:
@@ -293,7 +360,10 @@ def fetch_public_video(
         body, location = _get_pinned(target, limit)
         if location is None:
             return body
-        url = urljoin(url, location)
+        try:
+            url = urljoin(url, location)
+        except ValueError:  # a Location that is no URL, e.g. "http://[::1/"
+            raise JudgeInputError("video_url", f"redirected to an invalid URL {location!r}", 400) from None
     raise JudgeInputError("video_url", f"more than {max_redirects} redirects", 400)
 
 
@@ -336,17 +406,22 @@ class _PinnedURL(NamedTuple):
 
 def _pin(url: str, allowed: Callable[[Any], bool]) -> _PinnedURL:
     """Check ``url``'s scheme and host, resolve the host and pin the URL to an address ``allowed`` accepts."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        given_port = parts.port  # ValueError beyond 65535
+        hostname = (parts.hostname or "").encode("idna").decode("ascii")  # UnicodeError (a ValueError) if no name
+    except ValueError as exc:
+        raise JudgeInputError("video_url", f"not a valid URL ({exc})", 400) from None
     if parts.scheme not in ("http", "https"):
         raise JudgeInputError("video_url", f"only http and https URLs are fetched, not {parts.scheme or 'none'!r}", 400)
-    if not parts.hostname or parts.username or parts.password:
+    if not hostname or parts.username or parts.password:
         raise JudgeInputError("video_url", "URL needs a host and no credentials", 400)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    ip = _resolve_checked(parts.hostname, port, allowed)
+    port = given_port or (443 if parts.scheme == "https" else 80)
+    ip = _resolve_checked(hostname, port, allowed)
     netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    return _PinnedURL(pinned, host_header, parts.hostname)
+    host_header = hostname if given_port is None else f"{hostname}:{given_port}"
+    return _PinnedURL(pinned, host_header, hostname)
 
 
 def _get_pinned(target: _PinnedURL, limit: _DownloadLimit) -> tuple[bytes, str | None]:

@@ -15,8 +15,9 @@ Which file provides what:
 * ``finaltasks.json`` gives each task's level (``final_label``).
 
 Known defects are normalised and reported once, as :class:`Anomaly` records: criteria
-numbered ``d11..d55`` are renumbered ``d1..d5``; string weights are parsed; a block with a
-number of criteria other than five is kept as is and reported.
+numbered ``d11..d55`` are renumbered ``d1..d5`` (each criterion keeps its published number in
+:attr:`Criterion.number`, which the published scoring reading uses); string weights are parsed; a
+block with a number of criteria other than five is kept as is and reported.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Criterion:
     """+1 for a positive point, -1 for a penalty point (scored 1 when the problem is present)."""
     weight: float
     """Scoring weight (from ``MWBenchRubrics_norm.json`` for the benchmark)."""
+    number: int = 0
+    """The criterion's number ``k`` in the published block (``d<k>``; 11, 22, ... in a ``d11..d55`` block),
+    used by the published scoring reading; 0 for a criterion built by hand (read as its position)."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,8 @@ def parse_block(
 ) -> tuple[tuple[Criterion, ...], list[Anomaly]]:
     """Parse one published rubric block (``d<k>``, ``s<k>``, ``w<k>``) into criteria.
 
-    Returns the criteria in number order and the anomalies found. Raises :class:`RubricError`
-    when the block cannot be scored.
+    Returns the criteria in number order (each keeping its published number ``k``) and the
+    anomalies found. Raises :class:`RubricError` when the block cannot be scored.
     """
     parts = _group_by_number(block, where)
     numbers = sorted(parts)
@@ -206,7 +210,9 @@ def _parse_criterion(number: int, part: Mapping[str, Any], where: str) -> Criter
     sign = _SIGNS.get(str(part["s"]).strip())
     if sign is None:
         raise RubricError(f"{where}: s{number} is {part['s']!r}, expected '+1' or '-1'")
-    return Criterion(text=text.strip(), sign=sign, weight=_parse_weight(part["w"], f"{where}: w{number}"))
+    return Criterion(
+        text=text.strip(), sign=sign, weight=_parse_weight(part["w"], f"{where}: w{number}"), number=number
+    )
 
 
 def _cache_dir() -> Path:

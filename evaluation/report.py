@@ -15,9 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from .judge import PROMPT_VERSION
 from .microworldbench import DIMENSION_TITLES, DIMENSIONS, LEVELS
 from .runner import EvalResult, summary_of, usage_dict
 from .scoring import Stat
@@ -38,7 +35,24 @@ PUBLISHED: dict[str, dict[str, float]] = {
         "Veo3": (77.2, 77.5, 76.9, 78.2, 65.7, 97.0, 77.0),
     }.items()
 }
-"""Published MicroWorldBench results (average; per level; per dimension)."""
+"""Published MicroWorldBench results (average; per level; per dimension), scored in the ``published`` reading."""
+
+SCORING_FORMULAS: dict[str, str] = {
+    "corrected": (
+        "corrected reading (MWBenchRubrics_norm.json weights): one 0/1 score per criterion, else the dimension is "
+        "missing; d11..d55 blocks read as d1..d5; dimension = max(0, R/M)·100 with M the sum of every positive "
+        "weight of the block; task = pooled max(0, ΣR/ΣM)·100; averages = means over valid tasks (partial tasks "
+        "excluded; of a duplicated task only the first entry counts)."
+    ),
+    "published": (
+        "published reading (the upstream eval/calculate_scores.py, bit for bit; MWBenchRubrics_norm.json weights): "
+        "answer k goes to the criterion numbered k (so d11..d55 blocks are read as empty), a score counts when it "
+        "equals 1, M sums the positive weights of the answered criteria only; dimension = max(0, R/M·100), 0 when "
+        "M = 0; task = pooled over the three dimensions; averages = sum/len over valid entries (a duplicated task "
+        "counts once per entry)."
+    ),
+}
+"""How each scoring reading computes the numbers (the report's footer)."""
 
 REFERENCE_MODELS: tuple[str, ...] = ("Veo3", "Wan2.1-T2V-14B", "MicroVerse-1.3B", "Wan2.1-T2V-1.3B", "Sora")
 """Published models drawn as reference bars."""
@@ -54,7 +68,8 @@ def build_report(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> 
     return {
         "model": result.model_name,
         "judge_model": result.judge_model,
-        "prompt_version": PROMPT_VERSION,
+        "scoring": result.scoring,
+        "judge_protocol": result.judge_protocol,
         "benchmark_source": result.benchmark_source,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "overall": _stat(summary.overall),
@@ -98,16 +113,33 @@ def _listing(items: Sequence[str], shown: int = 20) -> str:
     return ": " + ", ".join(items[:shown]) + more
 
 
+def _reading(report: dict[str, Any]) -> tuple[str, str]:
+    """``(scoring, judge_protocol)`` of a report; reports written before these keys: corrected, ours."""
+    return report.get("scoring", "corrected"), report.get("judge_protocol", "ours")
+
+
 def _table(title: str, keys, headers: list[str], ours: dict, report: dict) -> list[str]:
-    """One of the paper's tables: this run (with 95 % bootstrap CIs), then the published models."""
+    """One of the paper's tables: this run (with 95 % bootstrap CIs), then the published models.
+
+    The published figures share the table only beside a ``published`` reading; otherwise they
+    follow in a separate table marked as not like-for-like.
+    """
+    head = ["| Model | Average | " + " | ".join(headers) + " |", "|---|---|" + "---|" * len(headers)]
     lines = [
         "",
         f"## {title} (95 % bootstrap CI)",
         "",
-        "| Model | Average | " + " | ".join(headers) + " |",
-        "|---|---|" + "---|" * len(headers),
+        *head,
         f"| **{report['model']}** | {_fmt(report['overall'])} | " + " | ".join(_fmt(ours[k]) for k in keys) + " |",
     ]
+    scoring, _ = _reading(report)
+    if scoring != "published":
+        lines += [
+            "",
+            f"### Published figures (upstream reading: not like-for-like with this {scoring} reading)",
+            "",
+            *head,
+        ]
     lines += [
         f"| {m} (published) | {PUBLISHED[m]['average']:.1f} | "
         + " | ".join(f"{PUBLISHED[m][k]:.1f}" for k in keys)
@@ -120,10 +152,11 @@ def _table(title: str, keys, headers: list[str], ours: dict, report: dict) -> li
 def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown report: the paper's two tables with 95 % CIs, coverage, agreement, cost."""
     cov = report["coverage"]
+    scoring, protocol = _reading(report)
     lines = [
         f"# MicroWorldBench report: {report['model']}",
         "",
-        f"Judge: `{report['judge_model']}` (prompt {report['prompt_version']}); "
+        f"Judge: `{report['judge_model']}` ({protocol} judge protocol); scoring: **{scoring}** reading; "
         f"benchmark: {report['benchmark_source']}; created {report['created']}.",
     ]
     lines += _table("Table 1: average and levels", LEVELS, list(LEVELS), report["by_level"], report)
@@ -166,8 +199,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"${cost['cost_usd']:.4f}",
         f"- All judgements used (cached ones included): ${cost['cost_usd_total']:.4f}",
         "",
-        "Scoring as published (MWBenchRubrics_norm.json weights): dimension = max(0, R/M)·100, task = pooled "
-        "max(0, ΣR/ΣM)·100; averages over valid tasks.",
+        f"Scoring: {SCORING_FORMULAS.get(scoring, scoring)}",
         "",
     ]
     return "\n".join(lines)
@@ -180,6 +212,8 @@ def _bar_chart(
     series: dict[str, list[float | None]],
     errors: dict[str, list[tuple[float, float]] | None],
 ) -> None:
+    from matplotlib.figure import Figure  # the eval extra
+
     fig = Figure(figsize=(9, 4.5), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(series))
@@ -267,19 +301,23 @@ def load_report(path: Path) -> dict[str, Any]:
 
 
 def compare_markdown(reports: Sequence[dict[str, Any]]) -> str:
-    """Runs side by side: both tables, coverage and cost."""
+    """Runs side by side (each with its scoring reading and judge protocol), then the published figures."""
     head = (
-        "| Run | Judge | Valid | Average | "
+        "| Run | Judge | Valid | Reading | Average | "
         + " | ".join(LEVELS)
         + " | "
         + " | ".join(DIMENSION_TITLES[d] for d in DIMENSIONS)
         + " | Cost (USD) |"
     )
-    lines = ["# MicroWorldBench comparison", "", head, "|" + "---|" * (5 + len(LEVELS) + len(DIMENSIONS))]
+    lines = ["# MicroWorldBench comparison", "", head, "|" + "---|" * (6 + len(LEVELS) + len(DIMENSIONS))]
+    readings = set()
     for rep in reports:
         cov = rep["coverage"]
+        scoring, protocol = _reading(rep)
+        readings.add(scoring)
         lines.append(
-            f"| {rep['model']} | {rep['judge_model']} | {cov['valid']}/{cov['selected']} | {_fmt(rep['overall'])} | "
+            f"| {rep['model']} | {rep['judge_model']} | {cov['valid']}/{cov['selected']} | {scoring} / {protocol} "
+            f"| {_fmt(rep['overall'])} | "
             + " | ".join(_fmt(rep["by_level"][lv]) for lv in LEVELS)
             + " | "
             + " | ".join(_fmt(rep["by_dimension"][d]) for d in DIMENSIONS)
@@ -288,10 +326,17 @@ def compare_markdown(reports: Sequence[dict[str, Any]]) -> str:
     for m in REFERENCE_MODELS:
         p = PUBLISHED[m]
         lines.append(
-            f"| {m} (published) | – | 459 | {p['average']:.1f} | "
+            f"| {m} (published) | – | 459 | published / upstream | {p['average']:.1f} | "
             + " | ".join(f"{p[lv]:.1f}" for lv in LEVELS)
             + " | "
             + " | ".join(f"{p[d]:.1f}" for d in DIMENSIONS)
             + " | – |"
+        )
+    lines += ["", "Reading = scoring reading / judge protocol."]
+    lines += [f"- {name}: {SCORING_FORMULAS.get(name, name)}" for name in sorted(readings | {"published"})]
+    if readings - {"published"}:
+        lines.append(
+            "- The published rows use the upstream (published) reading: they are not like-for-like with runs in "
+            "another reading."
         )
     return "\n".join(lines) + "\n"

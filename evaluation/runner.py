@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +27,9 @@ from tqdm import tqdm
 from media.video import write_atomic
 
 from .cache import JudgementCache
-from .judge import PROMPT_VERSION, JudgeError, Judgement, Usage, VideoError, VLMJudge, parse_answer, sample_frames
+from .judge import JudgeError, Judgement, Usage, VideoError, VLMJudge, parse_answer, sample_frames
 from .microworldbench import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
-from .scoring import Agreement, Summary, TaskScore, agreement, score_task, summarize
+from .scoring import SCORINGS, Agreement, Summary, TaskScore, agreement, summarize, task_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,10 @@ class EvalResult:
     """Benchmark and import anomalies."""
     benchmark_source: str = ""
     """Where the benchmark came from."""
+    scoring: str = "corrected"
+    """Scoring reading of ``scores`` (:data:`~evaluation.scoring.SCORINGS`)."""
+    judge_protocol: str = "ours"
+    """Judge protocol that produced the judgements (``upstream`` for an imported upstream result file)."""
 
 
 def judge_videos(
@@ -237,10 +241,12 @@ def judge_videos(
 ) -> dict[tuple[int, str, int], Judgement]:
     """Judge every (task, dimension, repeat) not yet cached; returns all valid judgements.
 
-    ``repeats`` maps task index to how many times it is judged (default 1).
+    ``repeats`` maps task index to how many times it is judged (default 1). The judge protocol's
+    version is part of every cache key.
     """
     repeats = repeats or {}
     model = judge.config.model
+    protocol = judge.protocol
     todo = [t for t in tasks if t.index in videos]
 
     def total_for(task: Task) -> int:
@@ -257,12 +263,12 @@ def judge_videos(
         done = 0
         for repeat in range(repeats.get(task.index, 1)):
             for dim in DIMENSIONS:
-                key = (sha, task.index, dim, task.rubric_hash(dim), model, PROMPT_VERSION)
+                key = (sha, task.index, dim, task.rubric_hash(dim), model, protocol.version)
                 found = cache.get(*key, repeat=repeat)
                 if found is None:
                     if frames is None:
                         try:
-                            frames = sample_frames(path, judge.config.num_frames)
+                            frames = sample_frames(path, protocol.num_frames)
                         except VideoError as exc:
                             logger.error("task %d: %s: %s; not judged", task.index, path, exc)
                             bar.update(total_for(task) - done)
@@ -297,8 +303,9 @@ def run_eval(
     agreement_tasks: int = 0,
     agreement_repeats: int = 3,
     seed: int = 0,
+    scoring: str = "corrected",
 ) -> EvalResult:
-    """Obtain videos (folder or endpoint), judge, and score the selected tasks."""
+    """Obtain videos (folder or endpoint), judge, and score the selected tasks in the ``scoring`` reading."""
     if (videos_dir is None) == (generation is None):
         raise ValueError("give exactly one of videos_dir and generation")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,18 +320,21 @@ def run_eval(
     finally:
         cache.close()
     judgements = _first_judgements(tasks, found)
+    scores, scoring_anomalies = score_judged(tasks, judgements, scoring)
     return EvalResult(
         model_name=model_name,
         judge_model=judge.config.model,
+        judge_protocol=judge.protocol.name,
         tasks=list(tasks),
         judgements=judgements,
-        scores=[score_task(t, {d: j.scores for d, j in judgements[t.index].items()}) for t in tasks],
+        scores=scores,
+        scoring=scoring,
         videos={i: str(p) for i, p in videos.items()},
         missing_videos=[t.index for t in tasks if t.index not in videos],
         agreement=_self_agreement(found, repeats, agreement_repeats) if repeats else None,
         usage=judge.usage,
         cost_total_usd=sum(j.cost_usd for j in found.values()),
-        anomalies=list(bench.anomalies),
+        anomalies=list(bench.anomalies) + scoring_anomalies,
         benchmark_source=bench.source,
     )
 
@@ -362,38 +372,71 @@ _UPSTREAM_KEYS = {"scientific": "scientific_eval", "visual": "visual_eval", "ins
 
 
 def export_upstream(result: EvalResult, path: Path) -> None:
-    """Write ``<model>_result.json`` in the upstream format (missing dimensions left out)."""
+    """Write ``<model>_result.json`` in the upstream format (missing dimensions left out).
+
+    ``parsed_result`` is the answer's object as parsed when the judge protocol kept it (``upstream``),
+    so the file reads back as the published evaluator would have written it.
+    """
     items = []
     for task in result.tasks:
         item: dict[str, Any] = {"index": task.index, "video_path": result.videos.get(task.index, "")}
         for dim, j in result.judgements.get(task.index, {}).items():
-            item[_UPSTREAM_KEYS[dim]] = {
-                "raw_response": j.raw_response,
-                "parsed_result": {"scores": j.scores, "reasoning": j.reasoning, "reasons": j.reasons},
-            }
+            parsed = j.parsed
+            if parsed is None:
+                parsed = {"scores": j.scores, "reasoning": j.reasoning, "reasons": j.reasons}
+            item[_UPSTREAM_KEYS[dim]] = {"raw_response": j.raw_response, "parsed_result": parsed}
         items.append(item)
     write_atomic(path, json.dumps(items, ensure_ascii=False, indent=2).encode())
 
 
-def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int, dict[str, list[int]]], list[Anomaly]]:
-    """Read an upstream ``<model>_result.json``; returns tasks, judgements and import anomalies.
+UpstreamEntry = tuple[Task, dict[str, list[Any]]]
+"""One result entry read from an upstream file: its task and its usable scores per dimension (others missing)."""
 
-    A dimension whose ``parsed_result`` is absent is re-parsed from ``raw_response``; one whose
-    number of scores differs from the number of criteria is treated as missing (the upstream
-    scorer counts only the criteria answered, inflating short answers). Blocks numbered
-    ``d11..d55`` were judged upstream with no criteria text in the prompt; they are scored in
-    order and reported as ``judged_without_criteria``.
+
+def import_upstream(
+    path: Path, bench: Benchmark, scoring: str = "corrected"
+) -> tuple[list[UpstreamEntry], list[Anomaly]]:
+    """Read an upstream ``<model>_result.json`` in one scoring reading; returns its entries and the anomalies.
+
+    Every defect is recorded as an :class:`Anomaly` and handled by one rule per reading
+    (``corrected`` / ``published``, the latter exactly as the upstream scorer):
+
+    * ``unknown_task`` (index not a benchmark task): ignored / ignored.
+    * ``duplicate_index``: later entries ignored, the first kept / every entry scored.
+    * ``missing_dimension`` (no ``<dim>_eval``): dimension missing / task skipped.
+    * absent or unusable ``parsed_result`` (not an object with a non-empty ``scores`` list):
+      re-parsed from ``raw_response`` (``reparsed``), else missing (``invalid_parsed_result``) /
+      task skipped (``invalid_parsed_result``; ``empty_scores`` when ``scores`` is empty). In the
+      published reading a non-object ``parsed_result``, or ``scores`` that cannot be iterated,
+      make the upstream script fail on the whole file: ValueError.
+    * ``wrong_length`` (scores for more or fewer criteria): dimension missing / answer ``k``
+      read against criterion ``k``, ``M`` over the answered criteria only.
+    * ``non_binary_score`` (a score other than 0/1): dimension missing / counts when it equals
+      1. In the corrected reading ``true``/``false``, ``1.0``/``0.0`` and ``"1"``/``"0"`` are read
+      as 0/1 and recorded as ``coerced_score``.
+    * ``judged_without_criteria`` (a ``d11..d55`` block; upstream showed its judge no criteria):
+      scored in order / read by the numbers 11..55, so answers 1..5 count for nothing.
     """
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring reading {scoring!r}; choose from {SCORINGS}")
+    published = scoring == "published"
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of results")
-    renumbered = {(a.index, a.dimension) for a in bench.anomalies if a.kind == "renumbered_criteria"}
-    tasks: list[Task] = []
-    judgements: dict[int, dict[str, list[int]]] = {}
+    entries: list[UpstreamEntry] = []
     anomalies: list[Anomaly] = []
-    for item in data:
+    seen: set[int] = set()
+    for position, item in enumerate(data):
+        if published and not isinstance(item, dict):
+            raise ValueError(f"{path}: entry {position} is not an object; the upstream scorer fails on this file")
         index = item.get("index") if isinstance(item, dict) else None
-        if index not in bench.tasks:
+        try:
+            task = bench.tasks.get(index)
+        except TypeError:  # an unhashable index
+            if published:
+                raise ValueError(f"{path}: entry {position} has index {index!r}; the upstream scorer fails") from None
+            task = None
+        if task is None:
             anomalies.append(
                 Anomaly(
                     "unknown_task",
@@ -402,53 +445,209 @@ def import_upstream(path: Path, bench: Benchmark) -> tuple[list[Task], dict[int,
                 )
             )
             continue
-        task = bench.tasks[index]
-        tasks.append(task)
-        judgements[index] = {}
-        for dim, key in _UPSTREAM_KEYS.items():
-            n = len(task.rubrics[dim])
-            entry = item.get(key) or {}
-            parsed = entry.get("parsed_result")
-            try:
-                if isinstance(parsed, dict):
-                    scores, _, _ = parse_answer(json.dumps(parsed), n)
-                elif entry.get("raw_response"):
-                    scores, _, _ = parse_answer(entry["raw_response"], n)
-                    anomalies.append(Anomaly("reparsed", f"task {index} {dim}: parsed from raw_response", index, dim))
-                else:
-                    anomalies.append(Anomaly("missing_dimension", f"task {index} {dim}: no judgement", index, dim))
-                    continue
-            except ValueError as exc:
-                anomalies.append(
-                    Anomaly("invalid_judgement", f"task {index} {dim}: {exc}; treated as missing", index, dim)
-                )
+        if task.index in seen:
+            rule = "scored again, as upstream does" if published else "ignored (the first entry is kept)"
+            anomalies.append(Anomaly("duplicate_index", f"task {task.index}: another result entry, {rule}", task.index))
+            if not published:
                 continue
-            if (index, dim) in renumbered:
-                anomalies.append(
-                    Anomaly(
-                        "judged_without_criteria",
-                        f"task {index} {dim}: upstream prompt omitted the d11..d55 criteria",
-                        index,
-                        dim,
-                    )
+        seen.add(task.index)
+        judgements, found = _read_published(item, task, path) if published else _read_corrected(item, task)
+        entries.append((task, judgements))
+        anomalies.extend(found)
+    return entries, anomalies
+
+
+def _renumbered(task: Task, dim: str) -> bool:
+    """True when the block's published numbers are not 1..n (a ``d11..d55`` block)."""
+    return any(c.number not in (0, k) for k, c in enumerate(task.rubrics[dim], 1))
+
+
+def _binary(scores: Sequence[Any]) -> tuple[list[int], list[Any], list[Any]]:
+    """Scores read as 0/1, the values that needed coercing (``true``, ``1.0``, ``"1"``...), and the non-binary ones."""
+    values: list[int] = []
+    coerced: list[Any] = []
+    bad: list[Any] = []
+    for value in scores:
+        if type(value) is int and value in (0, 1):
+            values.append(value)
+        elif (isinstance(value, bool | float) and value in (0, 1)) or (
+            isinstance(value, str) and value.strip() in ("0", "1")
+        ):
+            values.append(int(value))
+            coerced.append(value)
+        else:
+            bad.append(value)
+    return values, coerced, bad
+
+
+def _read_corrected(item: Mapping[str, Any], task: Task) -> tuple[dict[str, list[Any]], list[Anomaly]]:
+    """The usable judgements of one result entry in the corrected reading (rules: :func:`import_upstream`)."""
+    judgements: dict[str, list[Any]] = {}
+    anomalies: list[Anomaly] = []
+    for dim, key in _UPSTREAM_KEYS.items():
+
+        def note(kind: str, text: str, dim: str = dim) -> None:
+            anomalies.append(Anomaly(kind, f"task {task.index} {dim}: {text}", task.index, dim))
+
+        n = len(task.rubrics[dim])
+        entry = item.get(key)
+        if not entry or not isinstance(entry, dict):
+            note("missing_dimension", f"no {key} object; dimension missing")
+            continue
+        parsed = entry.get("parsed_result")
+        scores = parsed.get("scores") if isinstance(parsed, dict) else None
+        if not isinstance(scores, list) or not scores:
+            raw = entry.get("raw_response")
+            try:
+                if not isinstance(raw, str) or not raw.strip():
+                    raise ValueError("no raw_response")
+                scores, _, _ = parse_answer(raw, n)
+            except ValueError as exc:
+                note("invalid_parsed_result", f"no usable parsed_result nor raw_response ({exc}); dimension missing")
+                continue
+            note("reparsed", "no usable parsed_result; scores re-parsed from raw_response")
+        values, coerced, bad = _binary(scores)
+        if coerced:
+            note("coerced_score", f"scores {coerced!r} read as 0/1")
+        if bad:
+            note("non_binary_score", f"scores {bad!r} are not 0 or 1; dimension missing")
+        if len(scores) != n:
+            note("wrong_length", f"{len(scores)} scores for {n} criteria; dimension missing")
+        if bad or len(scores) != n:
+            continue
+        if _renumbered(task, dim):
+            note("judged_without_criteria", "upstream prompt omitted the d11..d55 criteria; scored in order")
+        judgements[dim] = values
+    return judgements, anomalies
+
+
+def _published_scores(entry: Any, key: str) -> tuple[Any, str, str, bool]:
+    """How the upstream scorer reads one ``<dim>_eval``: ``(scores, kind, why, fatal)``.
+
+    ``scores`` is None when the dimension is unusable; then ``kind``/``why`` describe it and
+    ``fatal`` says whether the upstream script would fail on it.
+    """
+    if entry and not isinstance(entry, dict):
+        return None, "invalid_parsed_result", f"{key} is not an object", True
+    parsed = entry.get("parsed_result") if entry else None
+    if not parsed:
+        kind = "invalid_parsed_result" if entry else "missing_dimension"
+        return None, kind, "no parsed_result; task skipped, as upstream does (raw_response is not re-parsed)", False
+    if not isinstance(parsed, dict):
+        return None, "invalid_parsed_result", "parsed_result is not an object", True
+    scores = parsed.get("scores", [])
+    if not scores:
+        return None, "empty_scores", "no scores; task skipped, as upstream does", False
+    if not isinstance(scores, Iterable):
+        return None, "invalid_parsed_result", f"scores {scores!r} cannot be iterated", True
+    return scores, "", "", False
+
+
+def _read_published(
+    item: Mapping[str, Any], task: Task, path: Path
+) -> tuple[dict[str, list[Any]], list[Anomaly]]:
+    """The judgements of one result entry as the upstream scorer reads them (rules: :func:`import_upstream`).
+
+    Upstream stops at the first unusable dimension, so only a failure it would reach refuses the file.
+    """
+    judgements: dict[str, list[Any]] = {}
+    anomalies: list[Anomaly] = []
+    reached = True
+    for dim, key in _UPSTREAM_KEYS.items():
+        where = f"task {task.index} {dim}"
+        scores, kind, why, fatal = _published_scores(item.get(key, {}), key)
+        if scores is None:
+            if fatal and reached:
+                raise ValueError(f"{path}: {where}: {why}; the upstream scorer fails on this file")
+            anomalies.append(Anomaly(kind, f"{where}: {why}", task.index, dim))
+            reached = False
+            continue
+        values = list(scores)
+        n = len(task.rubrics[dim])
+        found = []
+        bad = [v for v in values if not (type(v) is int and v in (0, 1))]
+        if bad:
+            found.append(("non_binary_score", f"scores {bad!r} are not 0 or 1; each counts only if it equals 1"))
+        if len(values) != n:
+            found.append(
+                (
+                    "wrong_length",
+                    f"{len(values)} scores for {n} criteria; answer k read against criterion k, M over the answered "
+                    "criteria only",
                 )
-            judgements[index][dim] = scores
-    return tasks, judgements, anomalies
+            )
+        if _renumbered(task, dim):
+            found.append(
+                (
+                    "judged_without_criteria",
+                    "upstream prompt omitted the d11..d55 criteria; read by the numbers 11..55, so answers 1..5 "
+                    "count for nothing",
+                )
+            )
+        anomalies.extend(Anomaly(k, f"{where}: {text}, as upstream does", task.index, dim) for k, text in found)
+        judgements[dim] = values
+    return judgements, anomalies
 
 
-def rescore_upstream(path: Path, bench: Benchmark, model_name: str | None = None) -> EvalResult:
-    """Score an upstream result file with the faithful scorer."""
-    tasks, judgements, anomalies = import_upstream(path, bench)
+def rescore_upstream(
+    path: Path, bench: Benchmark, model_name: str | None = None, scoring: str = "corrected"
+) -> EvalResult:
+    """Score an upstream result file in a scoring reading (``published``: the upstream scorer bit for bit)."""
+    entries, anomalies = import_upstream(path, bench, scoring)
+    score = task_scorer(scoring)
     name = model_name or Path(path).name.removesuffix("_result.json")
     return EvalResult(
         model_name=name,
         judge_model="upstream",
-        tasks=tasks,
+        tasks=[t for t, _ in entries],
         judgements={},
-        scores=[score_task(t, judgements[t.index]) for t in tasks],
+        scores=[score(t, j) for t, j in entries],
         anomalies=list(bench.anomalies) + anomalies,
         benchmark_source=bench.source,
+        scoring=scoring,
+        judge_protocol="upstream",
     )
+
+
+def score_judged(
+    tasks: Sequence[Task], judgements: Mapping[int, Mapping[str, Judgement]], scoring: str
+) -> tuple[list[TaskScore], list[Anomaly]]:
+    """Score judged tasks in a reading; returns the scores and what the reading could not use as judged.
+
+    Corrected: a judgement whose length differs from the block's criteria (possible under the
+    ``upstream`` judge protocol) is recorded as ``wrong_length`` and its dimension is missing.
+    Published (the upstream formula on the judgements): a judged ``d11..d55`` block counts for
+    nothing (criteria numbered 11..55, answers 1..n) and is recorded as ``renumbered_read_as_empty``.
+    """
+    score = task_scorer(scoring)
+    scores: list[TaskScore] = []
+    anomalies: list[Anomaly] = []
+    for task in tasks:
+        usable: dict[str, list[Any]] = {}
+        for dim, j in judgements.get(task.index, {}).items():
+            n = len(task.rubrics[dim])
+            if scoring == "corrected" and len(j.scores) != n:
+                anomalies.append(
+                    Anomaly(
+                        "wrong_length",
+                        f"task {task.index} {dim}: {len(j.scores)} scores for {n} criteria; dimension missing",
+                        task.index,
+                        dim,
+                    )
+                )
+                continue
+            if scoring == "published" and _renumbered(task, dim):
+                anomalies.append(
+                    Anomaly(
+                        "renumbered_read_as_empty",
+                        f"task {task.index} {dim}: criteria numbered 11..55 match none of the answers",
+                        task.index,
+                        dim,
+                    )
+                )
+            usable[dim] = list(j.scores)
+        scores.append(score(task, usable))
+    return scores, anomalies
 
 
 def summary_of(result: EvalResult, n_resamples: int = 2000, seed: int = 0) -> Summary:

@@ -1,36 +1,47 @@
-"""MicroWorldBench scoring, exactly as published, with confidence intervals and judge agreement.
+"""MicroWorldBench scoring in two named readings, with confidence intervals and judge agreement.
 
 For one task and one dimension with binary judgements x_k, signs s_k and weights w_k::
 
     R = sum_k x_k * s_k * w_k,   M = sum of w_k over positive criteria (s_k = +1)
-    dimension score = max(0, R / M) * 100
+    dimension score = max(0, R / M) * 100          (0 when M <= 0)
     task score      = max(0, (R_sci + R_vis + R_ins) / (M_sci + M_vis + M_ins)) * 100
 
-Overall and per-level averages are means of task scores; per-dimension averages are means of
-dimension scores.
+Overall and per-level averages are plain means (``sum / len``) of task scores; per-dimension
+averages are means of dimension scores.
 
-Missing dimensions (the judge gave no valid answer after every retry) never score zero: the
-task is marked *partial*, has no task score, and is left out of every average (as the
-published scorer skips it), so all averages are over the same valid tasks. Coverage
-(valid / selected) and the partial tasks are reported. Unlike the published scorer, ``M``
-always sums over *all* positive criteria of the block, so a short answer cannot inflate a
-score: a judgement whose length differs from the number of criteria is rejected.
+Two readings of the formula (:data:`SCORINGS`):
+
+* ``corrected`` (default, :func:`score_task`): one 0/1 judgement per criterion, criteria in
+  order (``d11..d55`` blocks read as ``d1..d5``), and ``M`` sums *all* positive criteria of the
+  block, so a short answer cannot inflate a score: a judgement whose length differs from the
+  number of criteria is rejected.
+* ``published`` (:func:`score_task_published`): the upstream scorer (``eval/calculate_scores.py``)
+  bit for bit: answer ``k`` is matched to the criterion *numbered* ``k`` (so ``d11..d55`` blocks
+  are read as empty unless an answer has 11+ scores), a score counts when it equals 1, and ``M``
+  sums only the positive criteria that were answered.
+
+Missing dimensions (no valid answer) never score zero: the task is marked *partial*, has no
+task score, and is left out of every average (as the published scorer skips it), so all
+averages are over the same valid tasks. Coverage (valid / selected) and the partial tasks are
+reported.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
-from sklearn.metrics import cohen_kappa_score
 
 from .microworldbench import DIMENSIONS, LEVELS, Criterion, Task
 
 logger = logging.getLogger(__name__)
+
+SCORINGS: tuple[str, ...] = ("corrected", "published")
+"""The scoring readings, the default first (see the module doc)."""
 
 
 def dimension_raw(criteria: Sequence[Criterion], judgements: Sequence[int]) -> tuple[float, float]:
@@ -45,9 +56,14 @@ def dimension_raw(criteria: Sequence[Criterion], judgements: Sequence[int]) -> t
 
 
 def normalise(raw: float, max_possible: float) -> float:
-    """``max(0, raw / max_possible) * 100``; ``max_possible`` must be positive."""
+    """``max(0, raw / max_possible) * 100``, or 0.0 when ``max_possible <= 0``.
+
+    The zero case only arises in the published reading (a block read as empty, or answers that
+    cover no positive criterion); loading rejects blocks without a positive weight, so it never
+    arises in the corrected reading.
+    """
     if max_possible <= 0:
-        raise ValueError("max_possible must be positive")
+        return 0.0
     return max(0.0, raw / max_possible) * 100.0
 
 
@@ -100,12 +116,56 @@ def score_task(task: Task, judgements: Mapping[str, Sequence[int] | None]) -> Ta
     )
 
 
+def published_dimension_raw(criteria: Sequence[Criterion], scores: Iterable[Any]) -> tuple[float, float]:
+    """``(R, M)`` of one dimension in the published reading (the upstream scorer's arithmetic).
+
+    Answer ``k`` (1-based) goes to the criterion numbered ``k`` (:attr:`Criterion.number`, or its
+    position when unnumbered); answers without such a criterion are ignored. A score counts when
+    it equals 1 (so ``True`` and ``1.0`` do, ``"1"`` does not); ``M`` sums the positive weights
+    of the answered criteria only.
+    """
+    by_number = {c.number or k: c for k, c in enumerate(criteria, 1)}
+    raw = max_possible = 0.0
+    for k, score in enumerate(scores, 1):
+        criterion = by_number.get(k)
+        if criterion is None:
+            continue
+        if score == 1:
+            raw += criterion.sign * criterion.weight
+        if criterion.sign > 0:
+            max_possible += criterion.weight
+    return raw, max_possible
+
+
+def score_task_published(task: Task, judgements: Mapping[str, Iterable[Any] | None]) -> TaskScore:
+    """Score a task in the published reading; a dimension with no or empty scores is missing."""
+    raw = {
+        dim: published_dimension_raw(task.rubrics[dim], values)
+        for dim in DIMENSIONS
+        if (values := judgements.get(dim))
+    }
+    return TaskScore(
+        index=task.index,
+        level=task.level,
+        dimensions={d: normalise(*rm) for d, rm in raw.items()},
+        raw=raw,
+        missing=tuple(d for d in DIMENSIONS if d not in raw),
+    )
+
+
+def task_scorer(scoring: str) -> Callable[[Task, Mapping[str, Any]], TaskScore]:
+    """The task scorer of a reading: :func:`score_task` (``corrected``) or :func:`score_task_published`."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring reading {scoring!r}; choose from {SCORINGS}")
+    return score_task if scoring == "corrected" else score_task_published
+
+
 @dataclass(frozen=True)
 class Stat:
     """A mean with its 95 % bootstrap confidence interval."""
 
     mean: float | None
-    """Mean, None when there is no data."""
+    """Mean (``sum(values) / len(values)``, as the upstream scorer), None when there is no data."""
     ci_low: float | None
     """Lower bound of the 95 % percentile bootstrap interval (None below 2 values)."""
     ci_high: float | None
@@ -115,13 +175,15 @@ class Stat:
 
 
 def mean_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0) -> Stat:
-    """Mean and 95 % percentile bootstrap interval (``scipy.stats.bootstrap``)."""
+    """Plain mean (``sum / len``, bit-identical to the upstream scorer) and 95 % percentile bootstrap interval."""
     data = np.asarray(values, dtype=float)
     if data.size == 0:
         return Stat(None, None, None, 0)
-    mean = float(data.mean())
+    mean = float(sum(values) / len(values))
     if data.size < 2 or np.all(data == data[0]):
         return Stat(mean, mean if data.size >= 2 else None, mean if data.size >= 2 else None, int(data.size))
+    from scipy.stats import bootstrap  # the eval extra: the service's /judge never needs a CI
+
     res = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=n_resamples, method="percentile", rng=seed)
     return Stat(mean, float(res.confidence_interval.low), float(res.confidence_interval.high), int(data.size))
 
@@ -185,6 +247,8 @@ def agreement(repeats: Sequence[Sequence[Sequence[int]]]) -> Agreement:
     ]
     if len({f.size for f in flat}) != 1:
         raise ValueError("repeats must judge the same items")
+    from sklearn.metrics import cohen_kappa_score  # the eval extra
+
     matrix = np.vstack(flat)
     kappas = []
     for a, b in itertools.combinations(range(len(flat)), 2):

@@ -5,6 +5,10 @@ The evaluation and training packages never import the serving package; the comma
 checkpoint (``eval physics --model``, ``train demo``, ``train demo-bench``) find the serving engine as the
 click context object, an :class:`evaluation.physics.ModelRunner` that :func:`main` sets from
 ``microverse.sources``.
+
+Every command's errors end the same way (:class:`MainGroup`): click's usage errors exit 2, anything else a
+command raises is one ``Error: ...`` line on stderr and exit 1, with the traceback only under
+``microverse --verbose``.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -21,12 +25,12 @@ import click
 from evaluation.cli import eval_group
 from training.cli import data_group, train_group
 
+from .checkpoint_options import check_checkpoint_options
 from .config import Settings
 from .sources import model_runner
 from .tools.inference_bench import bench_command
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings_options(func):
@@ -44,15 +48,79 @@ def settings_options(func):
 
 
 def build_settings(overrides: dict) -> Settings:
-    """Environment settings with the CLI flags that were given on top."""
+    """Environment settings with the CLI flags that were given on top; a bad value is a usage error naming
+    its flag (and environment variable)."""
+    from pydantic import ValidationError
+
     given = {k: v for k, v in overrides.items() if v not in (None, ())}
     if "lora" in given:
         given["lora"] = list(given["lora"])
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else ""
+        hint = f"--{name.replace('_', '-')} / MICROVERSE_{name.upper()}" if name else None
+        raise click.BadParameter(f"{error['msg']}, got {error['input']!r}", param_hint=hint) from None
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+EXTRAS = {"scipy": "eval", "sklearn": "eval", "matplotlib": "eval", "tensorboard": "train", "scenedetect": "train"}
+"""Modules only an optional extra installs, and that extra (``pyproject.toml``)."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message (with the type for errors that carry no message of their own)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+        return f"invalid {exc.title}: {problems}"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ModuleNotFoundError) and (extra := EXTRAS.get((exc.name or "").split(".")[0])):
+        return f"this command needs the {extra} extra ({exc.name} is missing): pip install 'microverse[{extra}]'"
+    if url := _request_url(exc):
+        reason = " ".join(str(exc.__cause__ or exc).split()).split("] ", 1)[-1]
+        return f"cannot reach {url}: {reason or type(exc).__name__}"
+    if not text:
+        return type(exc).__name__
+    return text if isinstance(exc, (ValueError, RuntimeError, OSError)) else f"{type(exc).__name__}: {text}"
+
+
+def _request_url(exc: BaseException) -> str | None:
+    """The URL (without query) a connection error of httpx or openai failed on; None for other errors."""
+    import httpx
+
+    if not isinstance(exc, httpx.TransportError) and type(exc).__name__ != "APIConnectionError":
+        return None
+    try:
+        return str(exc.request.url).split("?", 1)[0]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+        return None
+
+
+class MainGroup(click.Group):
+    """The ``microverse`` group: what a command raises beyond click's own errors becomes one ``Error:`` line
+    on stderr and exit 1 (the traceback too under ``--verbose``); Ctrl-C exits 130 quietly."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            ctx.exit(130)
+        except Exception as exc:
+            verbose = bool(ctx.params.get("verbose"))
+            if verbose:
+                traceback.print_exc()
+            hint = "" if verbose else " (run `microverse --verbose ...` for the traceback)"
+            click.echo(f"Error: {error_line(exc)}{hint}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MainGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an error.")
+@click.version_option(package_name="microverse", prog_name="microverse")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """MicroVerse: serve, evaluate and train micro-world video models."""
@@ -66,12 +134,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True, help="Bind address.")
 @settings_options
 def serve(port: int, host: str, **overrides) -> None:
-    """Serve the model with BentoML (``bentoml serve service:MicroVerse``)."""
+    """Serve the model with BentoML (``bentoml serve microverse.service:MicroVerse``), from any directory.
+
+    This process becomes the BentoML server (``exec``), so a SIGTERM or Ctrl-C reaches it directly.
+    """
     settings = build_settings(overrides)
     env = {**os.environ, **settings.to_env()}
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(port), "--host", host]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "microverse.service:MicroVerse", "--port", str(port),
+           "--host", host]
     logger.info("starting: %s", " ".join(cmd))
-    raise SystemExit(subprocess.call(cmd, cwd=REPO_ROOT, env=env))
+    logging.shutdown()
+    os.execve(sys.executable, cmd, env)
 
 
 @main.command()
@@ -97,6 +170,7 @@ def generate(prompt, output, negative_prompt, height, width, num_frames, num_inf
     from .schemas import GenerateRequest, InputError, resolve
 
     settings = build_settings(overrides)
+    check_checkpoint_options(overrides["model"], overrides["lora"], overrides["transformer"])
     engine = DiffusersEngine.from_settings(settings)
     limits = limits_of(settings, engine)
     try:
@@ -123,22 +197,52 @@ def generate(prompt, output, negative_prompt, height, width, num_frames, num_inf
 @settings_options
 def info(url: str | None, **overrides) -> None:
     """Print what the model and runtime are (same as ``GET /info``)."""
+    settings = build_settings(overrides)
     if url:
-        import httpx
-
-        click.echo(json.dumps(httpx.get(url.rstrip("/") + "/info", timeout=30).json(), indent=2))
+        click.echo(json.dumps(_remote_info(url, settings), indent=2))
         return
     import tempfile
 
     from .engine import DiffusersEngine
     from .runtime import Runtime
 
-    settings = build_settings(overrides)
+    check_checkpoint_options(overrides["model"], overrides["lora"], overrides["transformer"])
     with tempfile.TemporaryDirectory() as tmp:
         settings = settings.model_copy(update={"storage_dir": Path(tmp)})
         rt = Runtime.start(settings, engine=DiffusersEngine.from_settings(settings))
         click.echo(json.dumps(rt.info(), indent=2, default=str))
         rt.stop()
+
+
+def _remote_info(url: str, settings: Settings) -> dict:
+    """``GET {url}/info`` (with ``--api-key`` / ``MICROVERSE_API_KEY`` when set); failures say what went wrong."""
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"expected a URL such as http://127.0.0.1:3000, got {url!r}", param_hint="--url")
+    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+    try:
+        response = httpx.get(base + "/info", headers=headers, timeout=30)
+    except httpx.ConnectError as exc:
+        reason = str(exc).split("] ", 1)[-1].lower() or "connection failed"
+        raise click.ClickException(f"cannot reach {base}: {reason}") from None
+    except httpx.TimeoutException:
+        raise click.ClickException(f"{base} did not answer within 30 s") from None
+    except httpx.TransportError as exc:
+        raise click.ClickException(error_line(exc)) from None
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"GET {base}/info failed: {error_line(exc)}") from None
+    if response.status_code in (401, 403):
+        raise click.ClickException(f"{base}/info answered {response.status_code}: pass the server's key with "
+                                   "--api-key or MICROVERSE_API_KEY")
+    if response.status_code != 200:
+        body = " ".join(response.text.split())[:200]
+        raise click.ClickException(f"{base}/info answered {response.status_code}: {body}")
+    try:
+        return response.json()
+    except ValueError:
+        raise click.ClickException(f"{base}/info did not answer JSON: is it a MicroVerse server?") from None
 
 
 main.add_command(eval_group, "eval")

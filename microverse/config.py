@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     """Most jobs waiting or running; beyond it new requests get 429 with Retry-After."""
     max_active_per_key: int = Field(16, ge=1)
-    """Most jobs one API key (or anonymous caller) may have waiting or running at once."""
+    """Most jobs the API key's holders (without a key: all callers together) may have waiting or running at once."""
     request_timeout_s: float = Field(900.0, gt=0)
     """How long ``POST /generate`` waits for its video before answering 504 (the job carries on)."""
     storage_dir: Path = Field(default_factory=lambda: default_cache_dir() / "storage")
@@ -103,7 +103,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Browser origins allowed to call the API (comma-separated); empty: CORS off."""
     api_key: SecretStr | None = None
-    """If set, every route but health needs ``Authorization: Bearer <key>``."""
+    """If set, every route but the probes (``/livez``, ``/readyz``, ``/healthz``) and the ``/ui`` page needs
+    ``Authorization: Bearer <key>``, BentoML's ``/metrics``, ``/docs.json`` and ``/schema.json`` included, and jobs
+    are scoped to the key. Unset: all callers are one anonymous tenant (the ``Authorization`` header is ignored):
+    every job is visible to every caller and ``MICROVERSE_MAX_ACTIVE_PER_KEY`` caps them all together."""
 
     @field_validator("lora", "cors_origins", mode="before")
     @classmethod

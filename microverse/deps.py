@@ -1,5 +1,5 @@
 """What every route shares: the runtime from ``app.state``, the caller (API key check, job owner) and the
-one request-body parser (JSON, multipart or urlencoded, with a size limit)."""
+one request-body parser (JSON, multipart or urlencoded, with a size limit enforced while the body streams in)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import hashlib
 import hmac
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, error_response, validation_message
+from .jobs import Job
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -23,6 +26,8 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 UNPROTECTED = ("/livez", "/readyz", "/healthz", "/ui")  # the page holds no data; its API calls send the key
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a JSON body or a JSON form field."""
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -42,9 +47,17 @@ def get_engine_runtime(request: Request) -> Runtime:
 
 
 def owner_of(request: Request) -> str | None:
-    """A stable, non-secret id of the caller's API key (jobs are scoped to it), or None."""
-    auth = request.headers.get("authorization", "")
-    return hashlib.sha256(auth.encode()).hexdigest()[:16] if auth else None
+    """The tenant the caller's jobs belong to: a stable, non-secret id of ``MICROVERSE_API_KEY`` (the key check
+    already made sure the caller sent it), or None without a key: then every caller is one anonymous tenant and
+    the ``Authorization`` header decides nothing."""
+    key = get_runtime(request).settings.api_key
+    return hashlib.sha256(_bearer(key).encode()).hexdigest()[:16] if key is not None else None
+
+
+def owns(owner: str | None, job: Job) -> bool:
+    """Whether the caller ``owner`` (:func:`owner_of`) may see ``job``: without an API key every job, with one
+    only the jobs made with it."""
+    return owner is None or job.owner == owner
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -53,16 +66,44 @@ OwnerDep = Annotated[str | None, Depends(owner_of)]
 
 
 async def check_api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """HTTP middleware: with ``MICROVERSE_API_KEY`` set, every route but the probes and the page needs
-    ``Authorization: Bearer <key>`` (compared in constant time)."""
+    """HTTP middleware of the FastAPI app: with ``MICROVERSE_API_KEY`` set, every route but the probes and the
+    page needs ``Authorization: Bearer <key>`` (compared in constant time)."""
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     key = rt.settings.api_key if rt is not None else None
-    if key is not None and not request.url.path.startswith(UNPROTECTED):
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key.get_secret_value()}".encode()):
-            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
+    refusal = api_key_refusal(request, key) if key is not None else None
+    return refusal if refusal is not None else await call_next(request)
+
+
+class RequireApiKey:
+    """Pure ASGI middleware with :func:`check_api_key`'s rule for everything the server answers, so BentoML's own
+    routes (``/metrics``, ``/docs.json``, ``/schema.json``, its index page) need the key too."""
+
+    def __init__(self, app: ASGIApp, key: SecretStr) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = api_key_refusal(Request(scope), self.key) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def api_key_refusal(request: Request, key: SecretStr) -> Response | None:
+    """The 401 for a request without ``Authorization: Bearer <key>`` (compared in constant time), or None when it
+    may pass: it carries the key, asks for a probe or the page, or is a CORS preflight (browsers send no key)."""
+    preflight = request.method == "OPTIONS" and "access-control-request-method" in request.headers
+    given = request.headers.get("authorization", "")
+    if preflight or request.url.path.startswith(UNPROTECTED) or hmac.compare_digest(given.encode(),
+                                                                                      _bearer(key).encode()):
+        return None
+    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                          None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+def _bearer(key: SecretStr) -> str:
+    return f"Bearer {key.get_secret_value()}"
 
 
 @dataclass(frozen=True)
@@ -84,19 +125,38 @@ SMALL_BODY = BodyRules()
 async def read_body(request: Request, model: type[M], rules: BodyRules = SMALL_BODY) -> tuple[M, bytes | None]:
     """JSON, multipart or urlencoded body -> (``model``, the uploaded file's bytes or None).
 
-    413 when larger than ``rules.max_bytes``; 400 naming the field on any other problem.
+    The size limit holds while the body streams in, chunked or not: 413 before anything is read when
+    Content-Length is over ``rules.max_bytes``, else as soon as more than that has arrived. 400 naming the field
+    on any other problem (malformed or over-deep JSON included).
     """
-    length = request.headers.get("content-length", "")
-    _check_size(int(length) if length.isdigit() else 0, rules)
-    is_form = request.headers.get("content-type", "").startswith(FORM_TYPES)
-    if not (is_form and rules.upload):  # uploads stream into the form parser; other bodies are read whole
-        _check_size(len(await request.body()), rules)
-    data, upload = await _form_data(request, rules) if is_form else (_json_object(await request.body()), None)
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit():  # int() would refuse 4300+ digits; 19 are over any limit
+        _check_size(int(declared) if len(declared) < 19 else sys.maxsize, rules)
+    capped = Request(request.scope, _capped_receive(request.receive, rules))
+    if request.headers.get("content-type", "").startswith(FORM_TYPES):
+        data, upload = await _form_data(capped, rules)
+    else:
+        data, upload = _json_object(await capped.body()), None
     try:
         return model.model_validate(data), upload
     except ValidationError as exc:
         param, message = validation_message(exc.errors()[0])
         raise APIError(400, message, param, "invalid_value") from None
+
+
+def _capped_receive(receive: Receive, rules: BodyRules) -> Receive:
+    """``receive`` that raises the 413 as soon as the body chunks it passed on add up to more than the limit."""
+    received = 0
+
+    async def capped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            _check_size(received, rules)
+        return message
+
+    return capped
 
 
 def _check_size(size: int, rules: BodyRules) -> None:
@@ -106,7 +166,7 @@ def _check_size(size: int, rules: BodyRules) -> None:
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw or b"null")
+        data = _loads(raw or b"null", "body", "invalid_json")
     except ValueError as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", "body", "invalid_json") from None
     if not isinstance(data, dict):
@@ -114,26 +174,46 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def _loads(text: bytes | str, param: str, code: str) -> Any:
+    """``json.loads``, but 400 naming ``param`` when arrays and objects nest deeper than ``MAX_JSON_DEPTH`` (the
+    parser itself gives up with a RecursionError a little below 1000); ValueError when malformed."""
+    too_deep = APIError(400, f"{param} nests arrays and objects deeper than {MAX_JSON_DEPTH} levels", param, code)
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    while pending:  # iterative, so a deep value cannot exhaust the stack here either
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_JSON_DEPTH:
+                    raise too_deep
+                pending.append((child, depth + 1))
+    return data
+
+
 async def _form_data(request: Request, rules: BodyRules) -> tuple[dict[str, Any], bytes | None]:
     """The form's fields (``json_fields`` decoded) and the bytes of the file in ``rules.upload``."""
-    form = await request.form(max_part_size=rules.max_bytes)
     data: dict[str, Any] = {}
     upload = None
-    for key, value in form.multi_items():
-        if isinstance(value, str):
-            data[key] = _json_field(key, value) if key in rules.json_fields else value
-        elif key == rules.upload:
-            upload = await value.read()
-        elif rules.upload is None:
-            raise APIError(400, f"file uploads are not supported for '{key}'", key, "unsupported")
-        else:
-            raise APIError(400, f"unexpected file field '{key}'; upload the {rules.upload} as '{rules.upload}'",
-                           key, "invalid_value")
+    async with request.form(max_part_size=rules.max_bytes) as form:
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                data[key] = _json_field(key, value) if key in rules.json_fields else value
+            elif key == rules.upload:
+                upload = await value.read()
+            elif rules.upload is None:
+                raise APIError(400, f"file uploads are not supported for '{key}'", key, "unsupported")
+            else:
+                raise APIError(400, f"unexpected file field '{key}'; upload the {rules.upload} as "
+                               f"'{rules.upload}'", key, "invalid_value")
     return data, upload
 
 
 def _json_field(key: str, value: str) -> Any:
     try:
-        return json.loads(value)
+        return _loads(value, key, "invalid_value")
     except ValueError:
         raise APIError(400, f"{key} must be a JSON object", key, "invalid_value") from None

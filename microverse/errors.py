@@ -34,8 +34,17 @@ def error_response(status: int, message: str, param: str | None = None, code: st
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """The error shape as a response; ``type`` follows from the status."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = {"error": {"message": printable(message), "type": kind,
+                      "param": None if param is None else printable(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def printable(text: str) -> str:
+    """``text`` with whatever UTF-8 cannot encode (a lone surrogate) written as a backslash escape.
+
+    For text that echoes a client's input in a response: it must never make the response unencodable.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def field_name(loc: tuple) -> str:

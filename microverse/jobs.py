@@ -7,6 +7,7 @@ attempts), so no job is ever lost.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -45,6 +46,22 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
 """
+
+
+class StorageError(Exception):
+    """The job store could not save a job."""
+
+    def __init__(self, message: str, full: bool) -> None:
+        super().__init__(message)
+        self.full = full
+        """True when the cause is a full disk or quota (ENOSPC, EDQUOT, SQLite's SQLITE_FULL)."""
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether a storage exception means that no space is left."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL  # the primary of an extended code
 
 
 @dataclass
@@ -125,14 +142,18 @@ class JobStore:
             return self._db.execute(sql, params)
 
     def create(self, spec: GenerationSpec, model: str, kind: str = "api", owner: str | None = None) -> Job:
-        """Insert a queued job; it is durable when this returns."""
+        """Insert a queued job; it is durable when this returns. Raises :class:`StorageError` when it cannot be
+        written (nothing is stored then)."""
         job_id = f"video_{uuid.uuid4().hex}"
         now = time.time()
-        self._execute(
-            "INSERT INTO jobs (id, kind, status, spec, batch_key, model, owner, created_at) "
-            "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-            (job_id, kind, json.dumps(asdict(spec)), json.dumps(spec.batch_key), model, owner, now),
-        )
+        try:
+            self._execute(
+                "INSERT INTO jobs (id, kind, status, spec, batch_key, model, owner, created_at) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, kind, json.dumps(asdict(spec)), json.dumps(spec.batch_key), model, owner, now),
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"could not store job {job_id}: {exc}", full=is_full(exc)) from exc
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:

@@ -12,8 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import printable
 from .jobs import Job
-from .schemas import GenerateRequest, InputError
+from .schemas import GenerateRequest, InputError, Text, check_fps
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +26,12 @@ class VideoCreateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    model: str | None = None
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "832x480".')
-    seconds: float | None = Field(None, description="Clip length; converted to 4k+1 frames at fps.")
-    negative_prompt: str | None = None
+    prompt: Text
+    model: Text | None = None
+    size: Text | None = Field(None, description='"WIDTHxHEIGHT", e.g. "832x480".')
+    seconds: float | None = Field(None, allow_inf_nan=False,
+                                  description="Clip length; converted to 4k+1 frames at fps.")
+    negative_prompt: Text | None = None
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
@@ -66,15 +68,16 @@ class VideoObject(BaseModel):
 
 
 def to_video_object(job: Job) -> VideoObject:
-    """A stored job as OpenAI's ``Video`` object."""
+    """A stored job as OpenAI's ``Video`` object (its text made encodable: rows stored before the edge refused
+    lone surrogates must still render)."""
     s = job.spec
     return VideoObject(
         id=job.id, created_at=int(job.created_at),
         completed_at=int(job.completed_at) if job.completed_at else None,
         expires_at=int(job.expires_at) if job.expires_at else None,
-        status=job.status, model=job.model, progress=job.progress, prompt=s.prompt,
+        status=job.status, model=job.model, progress=job.progress, prompt=printable(s.prompt),
         seconds=f"{s.seconds:g}", size=f"{s.width}x{s.height}",
-        error=(VideoError(code=job.error_code or "error", message=job.error_message or "")
+        error=(VideoError(code=job.error_code or "error", message=printable(job.error_message or ""))
                if job.status == "failed" else None),
         seed=s.seed, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
         guidance_scale=s.guidance_scale, fps=s.fps,
@@ -90,15 +93,21 @@ def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int
             raise InputError("size", f'size must look like "832x480" (width x height), got {body.size!r}')
         width, height = int(m.group(1)), int(m.group(2))
     num_frames = body.num_frames
-    fps = body.fps or fps_default
     if num_frames is None and body.seconds is not None:
-        if body.seconds <= 0:
-            raise InputError("seconds", f"seconds must be positive, got {body.seconds:g}")
-        num_frames = 4 * max(0, round((body.seconds * fps - 1) / 4)) + 1  # nearest 4k+1
-        if num_frames > max_frames:
-            raise InputError(
-                "seconds", f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the limit is {max_frames}"
-            )
+        num_frames = frames_for(body.seconds, body.fps or fps_default, max_frames)
     return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
                            num_frames=num_frames, num_inference_steps=body.num_inference_steps,
                            guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps)
+
+
+def frames_for(seconds: float, fps: int, max_frames: int) -> int:
+    """``seconds`` (finite) at ``fps`` as the nearest 4k+1 frame count; :class:`InputError` naming ``fps`` or
+    ``seconds`` unless the fps is valid and the clip positive and within ``max_frames``."""
+    check_fps(fps)  # before the arithmetic: a huge integer fps cannot even be multiplied by a float
+    if seconds <= 0:
+        raise InputError("seconds", f"seconds must be positive, got {seconds:g}")
+    exact = min(seconds * fps, max_frames + 4.0)  # clamped (still over the limit once rounded): 1e308 s is inf
+    num_frames = 4 * max(0, round((exact - 1) / 4)) + 1  # nearest 4k+1
+    if num_frames > max_frames:
+        raise InputError("seconds", f"seconds={seconds:g} at {fps} fps is more than the limit of {max_frames} frames")
+    return num_frames

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from .config import Preset
 from .loading import ModelDefaults
@@ -25,6 +27,25 @@ class InputError(ValueError):
         super().__init__(message)
         self.param = param
         self.message = message
+
+
+def encodable(text: str) -> str:
+    """``text`` unchanged when UTF-8 can encode it; a validation error otherwise.
+
+    JSON's ``\\ud800`` escape (or a multipart field in a charset such as UTF-7) can carry a lone surrogate,
+    which no response, log line or hash can encode: such text is refused at the edge, before anything is stored.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_text", "not valid UTF-8 text: a lone surrogate at character {position}", {"position": exc.start}
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+"""A string field that must be encodable as UTF-8 (see :func:`encodable`)."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +67,8 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description="What the video should show (1-2000 characters).")
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    prompt: Text = Field(description="What the video should show (1-2000 characters).")
+    negative_prompt: Text | None = Field(None, description="What to steer away from.")
     height: int | None = Field(None, description="Pixels, a multiple of 16.")
     width: int | None = Field(None, description="Pixels, a multiple of 16.")
     num_frames: int | None = Field(None, description="Frames, of the form 4k+1.")
@@ -113,10 +134,15 @@ def check_inputs(
         )
     if not 0 <= guidance_scale <= 20:
         raise InputError("guidance_scale", f"guidance_scale must be in 0..20, got {guidance_scale}")
-    if not 1 <= fps <= 60:
-        raise InputError("fps", f"fps must be in 1..60, got {fps}")
+    check_fps(fps)
     if not 0 <= seed <= MAX_SEED:
         raise InputError("seed", f"seed must be in 0..{MAX_SEED}, got {seed}")
+
+
+def check_fps(fps: int) -> None:
+    """Raise :class:`InputError` unless ``fps`` is in 1..60."""
+    if not 1 <= fps <= 60:
+        raise InputError("fps", f"fps must be in 1..60, got {fps}")
 
 
 def resolve(req: GenerateRequest, defaults: ModelDefaults, limits: Limits) -> GenerationSpec:

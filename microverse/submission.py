@@ -7,7 +7,7 @@ import hashlib
 import logging
 
 from .errors import APIError
-from .jobs import Job
+from .jobs import Job, StorageError
 from .runtime import Runtime
 from .schemas import GenerationSpec
 
@@ -15,19 +15,33 @@ logger = logging.getLogger(__name__)
 
 
 def submit(rt: Runtime, spec: GenerationSpec, kind: str, owner: str | None) -> Job:
-    """Queue a validated request durably, or answer 429 when the queue is full."""
+    """Queue a validated request durably, or answer 429 when the queue is full (507 or 503 when the job cannot be
+    stored: :func:`storage_failure`)."""
     if rt.store.count() >= rt.settings.max_queue:
         raise APIError(429, f"the queue is full ({rt.settings.max_queue} jobs); retry later",
                        None, "queue_full", {"Retry-After": str(retry_after_s(rt))})
     if rt.store.count(owner=owner or "") >= rt.settings.max_active_per_key:
         raise APIError(429, f"this API key already has {rt.settings.max_active_per_key} jobs waiting or running",
                        None, "too_many_active_jobs", {"Retry-After": str(retry_after_s(rt))})
-    job = rt.store.create(spec, rt.engine.model.name, kind=kind, owner=owner)
+    try:
+        job = rt.store.create(spec, rt.engine.model.name, kind=kind, owner=owner)
+    except StorageError as exc:
+        raise storage_failure(exc) from exc
     rt.worker.notify()
     logger.info("queued %s (%s, %dx%dx%d, %d steps, seed %d): %s", job.id, kind, spec.width, spec.height,
                 spec.num_frames, spec.num_inference_steps, spec.seed,
                 prompt_for_log(spec.prompt, rt.settings.redact_prompts))
     return job
+
+
+def storage_failure(exc: StorageError) -> APIError:
+    """The answer to a job that could not be stored: 507 when the disk is full (as a job whose video cannot be
+    written), 503 for any other storage fault. The details go to the log, never to the caller."""
+    logger.error("could not queue a job: %s", exc)
+    if exc.full:
+        return APIError(507, "the server's storage is full; the job was not queued", None, "storage_error")
+    return APIError(503, "the server's storage failed; the job was not queued, retry later", None, "storage_error",
+                    {"Retry-After": "10"})
 
 
 def prompt_for_log(prompt: str, redact: bool) -> str:

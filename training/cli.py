@@ -27,6 +27,39 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _load_config(spec: str, overrides: tuple[str, ...], spec_hint: str):
+    """The config of ``spec`` with ``--set`` overrides; a bad spec, field or value is a usage error naming it."""
+    from training.config import ConfigError, apply_overrides, load_config
+
+    try:
+        cfg = load_config(spec)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=spec_hint) from None
+    try:
+        return apply_overrides(cfg, overrides)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+
+
+def _check_inputs(cfg) -> None:
+    """Refuse a run whose dataset or local base model is not there, before anything loads."""
+    from training.config import debug_config
+
+    dataset = Path(cfg.data.dataset)
+    if not (dataset / "metadata.json").is_file():
+        raise click.UsageError(
+            f"data.dataset={dataset}: no metadata.json there; build a training set first (`microverse data simulate` "
+            "or `microverse data build`) or point --set data.dataset=FOLDER at one")
+    pretrained = cfg.model.pretrained
+    tiny = pretrained == debug_config().model.pretrained
+    looks_local = pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
+    if not Path(pretrained).expanduser().exists() and (looks_local or tiny):
+        build = (f"build the debug config's tiny pipeline with `python -c \"from microverse.tools.tiny import "
+                 f"save_tiny_pipeline; save_tiny_pipeline('{pretrained}')\"` or " if tiny else "")
+        raise click.UsageError(f"model.pretrained={pretrained}: no such folder; {build}point --set "
+                               "model.pretrained=... at a diffusers Wan pipeline folder or Hugging Face id")
+
+
 def _model_runner(ctx: click.Context) -> ModelRunner:
     """The serving engine's :class:`ModelRunner`, which ``microverse.cli`` sets as the context object."""
     runner = ctx.find_object(ModelRunner)
@@ -38,7 +71,8 @@ def _model_runner(ctx: click.Context) -> ModelRunner:
 
 @click.group("train", invoke_without_command=True)
 @click.option("--config", "config_spec", help="Registered config name (debug, lora-1.3b, full-1.3b) or YAML file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. optim.lr=1e-4.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field, e.g. optim.lr=1e-4 (repeatable; checked against the field's type).")
 @click.option("--until-step", type=int, help="Stop (with a checkpoint) after this global step; rerun to resume.")
 @click.pass_context
 def train_group(
@@ -49,24 +83,26 @@ def train_group(
         return
     if not config_spec:
         raise click.UsageError("give --config CONFIG or a subcommand")
-    from training.config import load_config
     from training.trainer import train
 
+    cfg = _load_config(config_spec, overrides, "--config")
+    _check_inputs(cfg)
     _setup_logging()
-    out = train(load_config(config_spec, overrides), until_step=until_step)
+    out = train(cfg, until_step=until_step)
     click.echo(str(out))
 
 
 @train_group.command("show-config")
 @click.argument("config_spec")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. optim.lr=1e-4.")
 def show_config(config_spec: str, overrides: tuple[str, ...]) -> None:
     """Print a config as YAML (a starting point for your own)."""
     import yaml
 
-    from training.config import config_to_dict, load_config
+    from training.config import config_to_dict
 
-    click.echo(yaml.safe_dump(config_to_dict(load_config(config_spec, overrides)), sort_keys=False))
+    cfg = _load_config(config_spec, overrides, "CONFIG_SPEC")
+    click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 @train_group.command("export")
@@ -102,6 +138,8 @@ def export_bento_cmd(checkpoint: str, name: str, labels: tuple[str, ...]) -> Non
     """Register CHECKPOINT in the BentoML model store; prints the tag."""
     from training.export import export_bento
 
+    if bad := [label for label in labels if "=" not in label]:
+        raise click.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}", param_hint="--label")
     _setup_logging()
     click.echo(export_bento(checkpoint, name, dict(label.split("=", 1) for label in labels)))
 
@@ -124,7 +162,11 @@ def benchmark_cmd(size, shape, mode, lora_rank, no_gradient_checkpointing, steps
         mode=mode, lora_rank=lora_rank, lora_alpha=lora_rank, gradient_checkpointing=not no_gradient_checkpointing,
         base_dtype="bfloat16" if mode == "lora" else "float32",
     )  # fmt: skip
-    frames, height, width = (int(v) for v in shape.lower().split("x"))
+    try:
+        frames, height, width = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected FRAMESxHEIGHTxWIDTH, e.g. 81x480x832; got {shape!r}",
+                                 param_hint="--shape") from None
     result = benchmark(size, (frames, height, width), model, steps=steps)
     if out:
         write_result(result, out)

@@ -2,19 +2,24 @@
 
 ``load_config("debug")`` returns a registered config, ``load_config("run.yaml")`` reads a YAML file
 whose sections mirror :class:`TrainConfig`, and ``overrides`` (``["optim.lr=1e-4", ...]``) patch any
-field by its dotted path.
+field by its dotted path. Every value is validated against its field's type (pydantic), so a typo'd key or a
+value of the wrong type stops loading with a :class:`ConfigError` that names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import logging
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -215,24 +220,88 @@ CONFIGS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 
-def _coerce(value: Any, annotation: str) -> Any:
-    """Turn YAML lists into the tuples the dataclasses declare."""
-    if isinstance(value, list) and annotation.startswith("tuple"):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return value
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or gives a value of the wrong type."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key  # dotted path of the field (or the config spec) at fault
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def _update(obj: Any, values: dict) -> Any:
-    """Recursively apply a dict of values to a (nested) dataclass instance."""
+class UnknownFieldError(ConfigError, KeyError):
+    """A dotted path that names no config field (a ``KeyError`` too, as before typed validation)."""
+
+
+def _field_path(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _all_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted field path of a (nested) dataclass instance."""
+    out = []
+    for f in dataclasses.fields(obj):
+        path = _field_path(prefix, f.name)
+        value = getattr(obj, f.name)
+        out.extend(_all_paths(value, path) if dataclasses.is_dataclass(value) else [path])
+    return out
+
+
+def _suggest(path: str, root: Any) -> list[str]:
+    """Up to three field paths of ``root`` whose last name is close to ``path``'s, in any section."""
+    by_leaf: dict[str, list[str]] = {}
+    for p in _all_paths(root):
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    leaves = difflib.get_close_matches(path.rsplit(".", 1)[-1], by_leaf, n=3)
+    return [p for leaf in leaves for p in by_leaf[leaf]][:3]
+
+
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation, config=ConfigDict(coerce_numbers_to_str=True))
+
+
+def _validate(path: str, value: Any, annotation: Any, type_name: str, raw: str | None = None) -> Any:
+    """``value`` as ``annotation`` (YAML lists become the declared tuples, "5e-5" a float); an override's
+    ``raw`` text is tried too when its YAML reading does not fit (``name=yes`` is the string "yes")."""
+    try:
+        return _adapter(annotation).validate_python(value)
+    except ValidationError as exc:
+        if raw is not None and raw != value:
+            try:
+                return _adapter(annotation).validate_python(raw)
+            except ValidationError:
+                pass
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        detail = f" ({where}: {problem['msg']})" if where else f" ({problem['msg']})"
+        raise ConfigError(path, f"{path}: expected {type_name}, got {value!r}{detail}") from None
+
+
+def _update(obj: Any, values: dict, prefix: str = "", raw: dict | None = None, root: Any = None) -> Any:
+    """Recursively apply a dict of values to a (nested) dataclass instance, validating each against its
+    field's type; ``raw`` holds the override texts of the same keys, ``root`` is the whole config."""
+    root = obj if root is None else root
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
+        path = _field_path(prefix, key)
         if key not in fields:
-            raise KeyError(f"unknown config field {type(obj).__name__}.{key}")
+            close = _suggest(path, root)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"{type(obj).__name__} has {', '.join(fields)}"
+            raise UnknownFieldError(path, f"unknown config field {path}; {hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _update(current, value)
+            if not isinstance(value, dict):
+                raise ConfigError(path, f"{path} is a section, not a value: set its fields, e.g. {path}.<field>=...")
+            _update(current, value, path, sub if isinstance(sub := (raw or {}).get(key), dict) else None, root)
         else:
-            setattr(obj, key, _coerce(value, str(fields[key].type)))
+            text = (raw or {}).get(key)
+            setattr(obj, key, _validate(path, value, hints[key], str(fields[key].type),
+                                        text if isinstance(text, str) else None))
     return obj
 
 
@@ -251,20 +320,48 @@ def _listify(value: Any) -> Any:
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Config by registered name or YAML path (``base: NAME`` in the YAML starts from a registered
-    config), then ``section.field=value`` overrides (values parsed as YAML)."""
+    config), then ``section.field=value`` overrides (see :func:`apply_overrides`). Unknown fields and values
+    of the wrong type raise :class:`ConfigError` naming the field."""
     if spec in CONFIGS:
         cfg = CONFIGS[spec]()
     else:
-        values = yaml.safe_load(Path(spec).read_text()) or {}
-        cfg = CONFIGS[values.pop("base")]() if "base" in values else TrainConfig()
+        path = Path(spec)
+        if not path.is_file():
+            close = difflib.get_close_matches(spec, CONFIGS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(spec, f"{spec!r} is neither a registered config ({', '.join(CONFIGS)}) nor a YAML "
+                                    f"file{hint}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(spec, f"{spec}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(spec, f"{spec}: expected a mapping of config sections, got {type(values).__name__}")
+        base = values.pop("base", None)
+        if base is not None and base not in CONFIGS:
+            raise ConfigError("base", f"{spec}: unknown base config {base!r}; registered: {', '.join(CONFIGS)}")
+        cfg = CONFIGS[base]() if base else TrainConfig()
         _update(cfg, values)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply ``section.field=value`` overrides to ``cfg``: the value is read as YAML and validated against the
+    field's type (``optim.lr=5e-5`` is the float 5e-05, ``data.buckets=[[9, 32, 32]]`` a tuple of tuples)."""
     for item in overrides:
-        path, _, raw = item.partition("=")
+        path, sep, text = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(item, f"expected KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
         *parents, leaf = path.strip().split(".")
-        nested: dict = {leaf: yaml.safe_load(raw)}
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        nested: dict = {leaf: value}
+        raw: dict = {leaf: text.strip()}
         for parent in reversed(parents):
-            nested = {parent: nested}
-        _update(cfg, nested)
+            nested, raw = {parent: nested}, {parent: raw}
+        _update(cfg, nested, raw=raw)
     return cfg
 
 

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from evaluation.judge_api import JudgeRequest, JudgeResponse, JudgeService
 
-from ..deps import BodyRules, RuntimeDep, read_body
+from ..deps import BodyRules, OwnerDep, RuntimeDep, owns, read_body
 from ..errors import APIError, json_body_spec
 from ..runtime import Runtime
 
@@ -35,18 +35,18 @@ def get_judge(rt: RuntimeDep) -> JudgeService:
 
 
 @router.post("/judge", response_model=None, openapi_extra=json_body_spec(JudgeRequest))
-async def judge(request: Request, rt: RuntimeDep,
+async def judge(request: Request, rt: RuntimeDep, owner: OwnerDep,
                 service: Annotated[JudgeService, Depends(get_judge)]) -> JudgeResponse:
     """Judge a video (upload, base64, job id or public URL) against a task index or a custom rubric."""
     judge_request, upload = await read_body(request, JudgeRequest, JUDGE_BODY)
-    return await run_in_threadpool(service.handle, judge_request, upload, partial(finished_video, rt),
+    return await run_in_threadpool(service.handle, judge_request, upload, partial(finished_video, rt, owner),
                                    MAX_UPLOAD_BYTES)
 
 
-def finished_video(rt: Runtime, job_id: str) -> Path | None:
-    """Path of a completed job's mp4, or None."""
+def finished_video(rt: Runtime, owner: str | None, job_id: str) -> Path | None:
+    """Path of the mp4 of a completed job the caller ``owner`` may see, or None."""
     job = rt.store.get(job_id)
-    if job is None or job.status != "completed":
+    if job is None or job.status != "completed" or not owns(owner, job):
         return None
     path = rt.store.video_path(job.id)
     return path if path.is_file() else None

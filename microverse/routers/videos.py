@@ -62,9 +62,21 @@ async def list_videos(rt: RuntimeDep, owner: OwnerDep, after: str | None = None,
         jobs = rt.store.list(limit=limit + 1, after=after, order=order, owner=owner)
     except KeyError:
         raise APIError(400, f"after={after!r} is not a known video id", "after", "invalid_value") from None
-    page = [to_video_object(j).model_dump(mode="json") for j in jobs[:limit]]
+    page = listed(jobs[:limit])
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}
+
+
+def listed(jobs: list[Job]) -> list[dict[str, Any]]:
+    """The jobs as video objects; a row that cannot be rendered is logged and left out, so that one bad row never
+    turns the list into a 500 for every caller."""
+    page = []
+    for job in jobs:
+        try:
+            page.append(to_video_object(job).model_dump(mode="json"))
+        except (ValueError, TypeError, ArithmeticError) as exc:  # a value of the wrong kind (pydantic's errors too)
+            logger.error("video %s cannot be rendered and is left out of the list: %s", job.id, exc)
+    return page
 
 
 @router.delete("/videos/{video_id}", response_model=None)

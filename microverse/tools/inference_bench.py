@@ -13,6 +13,7 @@ query/output projections 4·d²·L, cross-attention 4·L·T·d, feed-forward 4·
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import Settings, default_cache_dir
-from ..schemas import GenerationSpec
+from ..schemas import GenerationSpec, InputError, Limits, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ class BenchConfig:
     negative_prompt: str = ""
     """Negative prompt of every run."""
     height: int | None = None
-    """Pixels; None: 480 (1.3b) or 64 (tiny)."""
+    """Pixels; None: the model's default (``microverse_defaults.json``), 480 (1.3b) or 64 (tiny)."""
     width: int | None = None
-    """Pixels; None: 832 (1.3b) or 64 (tiny)."""
+    """Pixels; None: the model's default, 832 (1.3b) or 64 (tiny)."""
     num_frames: int | None = None
-    """Frames; None: 81 (1.3b) or 9 (tiny)."""
+    """Frames; None: the model's default, 81 (1.3b) or 9 (tiny)."""
     steps: int | None = None
-    """Denoising steps; None: 50 (1.3b) or 10 (tiny)."""
+    """Denoising steps; None: the model's default, 50 (1.3b) or 10 (tiny)."""
     guidance_scale: float = 5.0
     """CFG scale."""
     seed: int = 0
@@ -89,15 +90,36 @@ class BenchConfig:
     """Extra ``Settings`` fields for the engine (e.g. ``fast_step_ratio``)."""
 
     def shape(self) -> tuple[int, int, int, int]:
-        """(height, width, num_frames, steps) with the size's defaults filled in."""
-        big = self.size == "1.3b" or self.model is not None
-        return (self.height or (480 if big else 64), self.width or (832 if big else 64),
-                self.num_frames or (81 if big else 9), self.steps or (50 if big else 10))
+        """(height, width, num_frames, steps) with the defaults filled in: ``model``'s own (its
+        ``microverse_defaults.json``, else Wan2.1's), else the random size's."""
+        if self.model is not None:
+            from ..loading import read_defaults
+
+            model = read_defaults(self.model)
+            default = (model.height, model.width, model.num_frames, model.num_inference_steps)
+        else:
+            default = (480, 832, 81, 50) if self.size == "1.3b" else (64, 64, 9, 10)
+        given = (self.height, self.width, self.num_frames, self.steps)
+        height, width, frames, steps = (g if g is not None else d for g, d in zip(given, default, strict=True))
+        return height, width, frames, steps
 
     def draft_shape(self) -> tuple[int, int, int, int]:
         """(height, width, num_frames, steps) of draft mode: 256x256x33 at 20 steps (tiny: 64x64x9 at 4)."""
         big = self.size == "1.3b" or self.model is not None
         return (256, 256, 33, 20) if big else (64, 64, 9, 4)
+
+
+#: The bench flag of each generation parameter the engine's input checks name.
+FLAGS = {"height": "--height", "width": "--width", "num_frames": "--num-frames", "num_inference_steps": "--steps",
+         "guidance_scale": "--guidance-scale", "seed": "--seed"}
+
+
+def check_shape(cfg: BenchConfig, limits: Limits) -> None:
+    """Raise :class:`InputError` when the service would refuse ``cfg``'s generation under ``limits``."""
+    height, width, frames, steps = cfg.shape()
+    check_inputs(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=height, width=width,
+                 num_frames=frames, num_inference_steps=steps, guidance_scale=cfg.guidance_scale, fps=16,
+                 seed=cfg.seed, limits=limits)
 
 
 def parse_variant(label: str) -> tuple[str, dict[str, float]]:
@@ -268,12 +290,15 @@ class Sides:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype("auto", self.device)
+        from ..runtime import limits_of
+
         self.source = cfg.model or str(
             save_random_checkpoint(Path(cfg.cache_dir) / f"wan-{cfg.size}-random", cfg.size, self.device))
         self.height, self.width, self.frames, self.steps = cfg.shape()
         self.clock = Clock(self.device)
-        self.plain = _load_plain(self.source, self.device, self.dtype)
         self.engine = _load_engine(cfg, self.source, self.device)
+        check_shape(cfg, limits_of(Settings(**cfg.overrides), self.engine))  # the model's positional range
+        self.plain = _load_plain(self.source, self.device, self.dtype)
         self.server_options = self.engine.options
         self.max_len = self.engine.model.defaults.max_sequence_length
         self.tokens = video_tokens(self.plain, self.height, self.width, self.frames)
@@ -508,16 +533,82 @@ def _fmt(x: float | None) -> str:
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.json"),
               show_default=True, help="JSON output.")
 def bench_command(presets: str, overrides: tuple[str, ...], cache_dir: Path | None, out: Path, **kwargs) -> None:
-    """Time the engine's presets against plain diffusers WanPipeline on the same checkpoint."""
-    cfg = BenchConfig(presets=tuple(p for p in presets.split(",") if p),
-                      overrides=dict(o.split("=", 1) for o in overrides), **kwargs)
+    """Time the engine's presets against plain diffusers WanPipeline on the same checkpoint.
+
+    Without size flags a ``--model`` runs at its own defaults (``microverse_defaults.json``); a shape the
+    service would refuse for the model is refused here too, naming the flag."""
+    from ..checkpoint_options import check_checkpoint_options
+    from ..runtime import limits_of
+
+    check_checkpoint_options(kwargs["model"])
+    cfg = BenchConfig(presets=_parse_presets(presets), overrides=_parse_settings(overrides), **kwargs)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
-    result = run_bench(cfg)
+    try:
+        check_shape(cfg, limits_of(Settings(**cfg.overrides)))
+        result = run_bench(cfg)
+    except InputError as exc:
+        raise click.BadParameter(exc.message, param_hint=FLAGS.get(exc.param, exc.param)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     click.echo(summary(result))
     click.echo(f"wrote {out}")
+
+
+def _parse_presets(text: str) -> tuple[str, ...]:
+    """``--presets``: known presets, variant knobs that are ``fast_*`` settings with numeric values."""
+    from ..presets import PRESETS, PresetOptions
+
+    labels = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not labels:
+        raise click.BadParameter("give at least one preset, e.g. exact,fast", param_hint="--presets")
+    knobs_known = [name for name in PresetOptions.__dataclass_fields__ if name.startswith("fast_")]
+    for label in labels:
+        try:
+            preset, knobs = parse_variant(label)
+        except ValueError:
+            raise click.BadParameter(f"{label!r}: variant knobs are NAME=NUMBER joined by ':', e.g. "
+                                     "fast@fast_step_ratio=0.3:fast_cfg_cutoff=0.5", param_hint="--presets") from None
+        if preset not in PRESETS:
+            raise click.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}",
+                                     param_hint="--presets")
+        if unknown := sorted(set(knobs) - set(knobs_known)):
+            raise click.BadParameter(f"unknown knob {unknown[0]!r} in {label!r}; knobs: {', '.join(knobs_known)}",
+                                     param_hint="--presets")
+    return labels
+
+
+#: Settings the bench sets from its own flags (``--set`` may not give them too).
+_OWN_SETTINGS = {"model": "--model", "device": "--device", "compile": "--compile",
+                 "attention_backend": "--attention-backend", "storage_dir": None}
+
+
+def _parse_settings(items: tuple[str, ...]) -> dict[str, str]:
+    """``--set NAME=VALUE`` engine settings, checked against :class:`Settings`."""
+    from pydantic import ValidationError
+
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, e.g. fast_step_ratio=0.3; got {item!r}", param_hint="--set")
+        if name in _OWN_SETTINGS:
+            flag = _OWN_SETTINGS[name]
+            raise click.BadParameter(f"{name} is set by the bench" + (f": use {flag}" if flag else ""),
+                                     param_hint="--set")
+        if name not in Settings.model_fields:
+            close = difflib.get_close_matches(name, Settings.model_fields, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise click.BadParameter(f"unknown engine setting {name!r}{hint}", param_hint="--set")
+        values[name] = value
+    try:
+        Settings(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise click.BadParameter(f"{error['loc'][0]}: {error['msg']}, got {error['input']!r}",
+                                 param_hint="--set") from None
+    return values
 
 
 if __name__ == "__main__":

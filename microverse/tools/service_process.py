@@ -1,4 +1,4 @@
-"""A ``bentoml serve service:MicroVerse`` subprocess on loopback, for tests, benches and load tests.
+"""A ``bentoml serve microverse.service:MicroVerse`` subprocess on loopback, for tests, benches and load tests.
 
 BentoML starts each worker in a process group of its own, so signalling the server's group alone would
 orphan the workers (a worker left behind keeps its port, its GPU and its job): every signal here goes to
@@ -23,7 +23,7 @@ import psutil
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-"""Where ``service.py`` lives (the service is started from there)."""
+"""The checkout root: the service starts there, so a checkout's own files are the ones served."""
 
 
 def free_port() -> int:
@@ -36,7 +36,8 @@ def free_port() -> int:
 def spawn_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     """Start the service on ``127.0.0.1:port`` with ``env`` on top of this process's environment, output
     appended to ``log`` (see :func:`wait_ready`)."""
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service:MicroVerse", "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "microverse.service:MicroVerse", "--port", str(port),
+           "--host", "127.0.0.1"]
     with open(log, "ab") as log_file:  # the service writes to its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)

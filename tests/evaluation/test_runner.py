@@ -138,10 +138,11 @@ def test_upstream_defects_are_reported_not_scored_as_zero(tmp_path, bench):
     ]
     path = tmp_path / "Other_result.json"
     path.write_text(json.dumps(items))
-    tasks, judgements, anomalies = import_upstream(path, bench)
+    entries, anomalies = import_upstream(path, bench)
     kinds = {(a.kind, a.index) for a in anomalies}
-    assert {("invalid_judgement", 3), ("reparsed", 4), ("judged_without_criteria", 2), ("unknown_task", 999)} <= kinds
-    assert [t.index for t in tasks] == [1, 3, 4, 2]
+    assert {("wrong_length", 3), ("reparsed", 4), ("judged_without_criteria", 2), ("unknown_task", 999)} <= kinds
+    assert [t.index for t, _ in entries] == [1, 3, 4, 2]
+    judgements = {t.index: j for t, j in entries}
     assert judgements[4]["visual"] == [1, 0, 1, 0, 0] and "visual" not in judgements[3]
     result = rescore_upstream(path, bench)
     by_index = {s.index: s for s in result.scores}

@@ -1,4 +1,4 @@
-"""Scoring as published: hand-computed cases, every task of a benchmark, intervals and agreement."""
+"""Scoring (the corrected reading): hand-computed cases, every task of a benchmark, intervals and agreement."""
 
 from __future__ import annotations
 

@@ -1,0 +1,54 @@
+"""The BentoML service: HTTP wiring only; everything it serves lives in the ``microverse`` package.
+
+It ships inside the package, so an installed ``microverse`` serves from any directory:
+``microverse serve`` runs ``bentoml serve microverse.service:MicroVerse``. The ``service.py`` at the top of
+a checkout re-exports it for ``bentoml build`` and ``bentoml serve service:MicroVerse``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+
+with bentoml.importing():
+    from .api import create_app
+    from .config import Settings
+    from .deps import RequireApiKey
+    from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+app = create_app()
+settings = Settings()
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="microverse",
+    workers=1,
+    traffic={"timeout": 3600, "max_concurrency": 256},
+    resources={"gpu": 1} if settings.device == "cuda" else {"cpu": "2"},
+    http={"cors": {"enabled": bool(settings.cors_origins), "access_control_allow_origins": settings.cors_origins,
+                   "access_control_allow_methods": ["GET", "POST", "DELETE"],
+                   "access_control_allow_headers": ["Authorization", "Content-Type"]}},
+)
+class MicroVerse:
+    """Text-to-video for micro-world simulation: ``/generate``, ``/v1/videos``, ``/judge``, ``/info``, ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.runtime = Runtime.start(Settings())
+        app.state.runtime = self.runtime
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    def __metrics__(self, content: str) -> str:
+        return content + self.runtime.metrics.render()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.runtime.stop()
+
+
+if settings.api_key is not None:  # around BentoML's own routes too (/metrics, /docs.json, /schema.json)
+    MicroVerse.add_asgi_middleware(RequireApiKey, key=settings.api_key)
