@@ -98,13 +98,22 @@ def _request_url(exc: BaseException) -> str | None:
         return None
 
 
+class UsageLine(click.ClickException):
+    """A usage error shown as its one ``Error:`` line (no usage block), exit 2."""
+
+    exit_code = 2
+
+
 class MainGroup(click.Group):
-    """The ``microverse`` group: what a command raises beyond click's own errors becomes one ``Error:`` line
-    on stderr and exit 1 (the traceback too under ``--verbose``); Ctrl-C exits 130 quietly."""
+    """The ``microverse`` group: every error of a command is one ``Error:`` line on stderr: usage errors (a bad
+    option or argument, naming it) exit 2, anything else a command raises exits 1 (the traceback too under
+    ``--verbose``); Ctrl-C exits 130 quietly."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise UsageLine(exc.format_message()) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
