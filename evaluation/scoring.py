@@ -102,11 +102,16 @@ class TaskScore:
 
 def score_task(task: Task, judgements: Mapping[str, Sequence[int] | None]) -> TaskScore:
     """Score a task from its judgements per dimension (None or absent = missing)."""
-    raw: dict[str, tuple[float, float]] = {}
-    for dim in DIMENSIONS:
-        values = judgements.get(dim)
-        if values is not None:
-            raw[dim] = dimension_raw(task.rubrics[dim], values)
+    raw = {
+        dim: dimension_raw(task.rubrics[dim], values)
+        for dim in DIMENSIONS
+        if (values := judgements.get(dim)) is not None
+    }
+    return _task_score(task, raw)
+
+
+def _task_score(task: Task, raw: dict[str, tuple[float, float]]) -> TaskScore:
+    """The :class:`TaskScore` of ``task`` from ``(R, M)`` per judged dimension (the others missing)."""
     return TaskScore(
         index=task.index,
         level=task.level,
@@ -144,13 +149,7 @@ def score_task_published(task: Task, judgements: Mapping[str, Iterable[Any] | No
         for dim in DIMENSIONS
         if (values := judgements.get(dim))
     }
-    return TaskScore(
-        index=task.index,
-        level=task.level,
-        dimensions={d: normalise(*rm) for d, rm in raw.items()},
-        raw=raw,
-        missing=tuple(d for d in DIMENSIONS if d not in raw),
-    )
+    return _task_score(task, raw)
 
 
 def task_scorer(scoring: str) -> Callable[[Task, Mapping[str, Any]], TaskScore]:

@@ -281,28 +281,36 @@ def _validate(path: str, value: Any, annotation: Any, type_name: str, raw: str |
         raise ConfigError(path, f"{path}: expected {type_name}, got {value!r}{detail}") from None
 
 
-def _update(obj: Any, values: dict, prefix: str = "", raw: dict | None = None, root: Any = None) -> Any:
+def _update(obj: Any, values: dict, prefix: str = "", root: Any = None) -> Any:
     """Recursively apply a dict of values to a (nested) dataclass instance, validating each against its
-    field's type; ``raw`` holds the override texts of the same keys, ``root`` is the whole config."""
-    root = obj if root is None else root
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
+    field's type; ``root`` is the whole config (for suggestions)."""
     for key, value in values.items():
-        path = _field_path(prefix, key)
-        if key not in fields:
-            close = _suggest(path, root)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"{type(obj).__name__} has {', '.join(fields)}"
-            raise UnknownFieldError(path, f"unknown config field {path}; {hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(path, f"{path} is a section, not a value: set its fields, e.g. {path}.<field>=...")
-            _update(current, value, path, sub if isinstance(sub := (raw or {}).get(key), dict) else None, root)
-        else:
-            text = (raw or {}).get(key)
-            setattr(obj, key, _validate(path, value, hints[key], str(fields[key].type),
-                                        text if isinstance(text, str) else None))
+        _set(obj, key, value, _field_path(prefix, key), obj if root is None else root)
     return obj
+
+
+def _section(obj: Any, key: str, path: str, root: Any) -> Any:
+    """The nested dataclass ``obj.key``; :class:`ConfigError` naming ``path`` when there is no such field."""
+    fields = [f.name for f in dataclasses.fields(obj)]
+    if key not in fields:
+        close = _suggest(path, root)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"{type(obj).__name__} has {', '.join(fields)}"
+        raise UnknownFieldError(path, f"unknown config field {path}; {hint}")
+    return getattr(obj, key)
+
+
+def _set(obj: Any, key: str, value: Any, path: str, root: Any, raw: str | None = None) -> None:
+    """Set field ``key`` of ``obj`` (``path`` in the whole config ``root``) to ``value`` validated against its type
+    (a section takes a dict of its fields); ``raw`` is an override's text (see :func:`_validate`)."""
+    current = _section(obj, key, path, root)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"{path} is a section, not a value: set its fields, e.g. {path}.<field>=...")
+        _update(current, value, path, root)
+        return
+    annotation = typing.get_type_hints(type(obj))[key]
+    type_name = next(str(f.type) for f in dataclasses.fields(obj) if f.name == key)
+    setattr(obj, key, _validate(path, value, annotation, type_name, raw))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -357,11 +365,13 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) ->
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        nested: dict = {leaf: value}
-        raw: dict = {leaf: text.strip()}
-        for parent in reversed(parents):
-            nested, raw = {parent: nested}, {parent: raw}
-        _update(cfg, nested, raw=raw)
+        obj, prefix = cfg, ""
+        for parent in parents:
+            prefix = _field_path(prefix, parent)
+            obj = _section(obj, parent, prefix, cfg)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(prefix, f"{prefix} is a value, not a section")
+        _set(obj, leaf, value, _field_path(prefix, leaf), cfg, text.strip())
     return cfg
 
 
