@@ -58,7 +58,8 @@ NORM_FILE = "MWBenchRubrics_norm.json"
 TASKS_FILE = "finaltasks.json"
 BENCHMARK_FILES: tuple[str, ...] = (RUBRICS_FILE, NORM_FILE, TASKS_FILE)
 
-_KEY_RE = re.compile(r"^([dsw])(\d+)$")
+_KEY_RE = re.compile(r"^([dsw])([0-9]{1,6})$")
+"""A rubric key: ``d``, ``s`` or ``w`` and an ASCII criterion number (short: ``int()`` of 5000 digits fails)."""
 _SIGNS: dict[str, int] = {"+1": 1, "1": 1, "-1": -1}
 
 
@@ -138,6 +139,8 @@ class Benchmark:
 def _parse_weight(value: Any, where: str) -> float:
     try:
         weight = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise RubricError(f"{where}: weight must be a finite number >= 0") from None
     except (TypeError, ValueError):
         raise RubricError(f"{where}: weight {value!r} is not a number") from None
     if not math.isfinite(weight) or weight < 0:
@@ -177,7 +180,7 @@ def _group_by_number(block: Mapping[str, Any], where: str) -> dict[int, dict[str
     for key, value in block.items():
         match = _KEY_RE.match(str(key))
         if not match:
-            raise RubricError(f"{where}: unexpected key {key!r} (expected d<k>, s<k>, w<k>)")
+            raise RubricError(f"{where}: unexpected key {str(key)[:40]!r} (expected d<k>, s<k>, w<k>)")
         parts[int(match.group(2))][match.group(1)] = value
     return parts
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from .deps import check_api_key
 from .errors import install_handlers
-from .routers import generate, health, judge, ui, videos
+from .routers import generate, health, judge, models, ui, videos
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,6 @@ def create_app() -> FastAPI:
                   description="Text-to-video for micro-world simulation (Wan2.1 architecture).")
     install_handlers(app)
     app.middleware("http")(check_api_key)
-    for surface in (generate, health, judge, videos, ui):
+    for surface in (generate, health, judge, models, videos, ui):
         app.include_router(surface.router)
     return app

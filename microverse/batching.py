@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from media.video import encode_mp4, thumbnail, write_atomic
 
-from .engine import GenerationCancelled, VideoEngine
+from .engine import BatchResult, GenerationCancelled, VideoEngine
 from .jobs import Job, JobStore
 from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 60.0
+STORAGE_ERRORS = (OSError, sqlite3.Error)
+"""What a failing storage dir or job database raises (a full disk, a busy or unreadable database)."""
+RETRY_FIRST_S, RETRY_MAX_S = 0.1, 5.0
+"""First and longest wait between two tries of a storage write (the wait doubles in between)."""
+T = TypeVar("T")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -33,12 +41,14 @@ class BatchWorker:
     """Background thread that drains the job queue, batch by batch."""
 
     def __init__(self, store: JobStore, engine: VideoEngine, metrics: ServiceMetrics,
-                 max_batch_size: int, max_batch_wait_s: float):
+                 max_batch_size: int, max_batch_wait_s: float, storage_retry_s: float = 30.0):
         self.store = store
         self.engine = engine
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
+        self.storage_retry_s = storage_retry_s
+        """How long a finished video's files are retried on a failing storage dir before its job fails."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cancelled: set[str] = set()
@@ -61,7 +71,7 @@ class BatchWorker:
 
     def notify(self) -> None:
         """A job was queued."""
-        self.metrics.queue_depth.set(self.store.count(("queued",)))
+        self._set_queue_depth()
         self._wake.set()
 
     def cancel(self, job_id: str) -> None:
@@ -98,12 +108,20 @@ class BatchWorker:
                     continue
                 self._gather(first)
                 batch = self.store.claim_batch(first.spec.batch_key, self.max_batch_size)
-                self.metrics.queue_depth.set(self.store.count(("queued",)))
-                if batch:
-                    self._run_batch(batch)
-            except Exception:  # the worker must survive anything a batch throws
+            except Exception:  # nothing is claimed yet (the claim is one transaction): try again shortly
                 logger.exception("batch worker error")
-                time.sleep(0.5)
+                self._stop.wait(0.5)
+                continue
+            self._set_queue_depth()
+            if batch:
+                self._run_claimed(batch)
+
+    def _set_queue_depth(self) -> None:
+        """Update the queue-depth gauge (skipped while the database cannot be read: it is only a gauge)."""
+        try:
+            self.metrics.queue_depth.set(self.store.count(("queued",)))
+        except STORAGE_ERRORS as exc:
+            logger.warning("queue depth not updated: %s", exc)
 
     def _gather(self, first: Job) -> None:
         """Wait up to max_batch_wait after the oldest job was queued for compatible ones to join."""
@@ -120,16 +138,35 @@ class BatchWorker:
             if n:
                 logger.info("expired %d job(s) and their files", n)
 
+    def _run_claimed(self, batch: list[Job]) -> None:
+        """Run a claimed batch. Whatever happens, each job leaves ``in_progress`` (completed, failed or back in
+        the queue) and its waiters are woken: a job is never left running without this worker."""
+        try:
+            self._run_batch(batch)
+        except Exception as exc:
+            logger.exception("batch %s failed outside the engine", [j.id for j in batch])
+            reason = f"the server could not finish this job: {type(exc).__name__}: {exc}"
+            for job in batch:
+                self._settle(f"failing {job.id}", lambda j=job: self.store.fail(j.id, "internal_error", reason))
+        finally:
+            self._finish([j.id for j in batch])
+
     def _run_batch(self, batch: list[Job]) -> None:
         ids = [j.id for j in batch]
         logger.info("engine call: %d job(s) %s", len(batch), ids)
         steps_seen = 0
+        progress_lost = False
 
         def on_step(done: int, total: int) -> None:
-            nonlocal steps_seen
+            nonlocal steps_seen, progress_lost
             steps_seen = done
             self.metrics.steps_total.inc()
-            self.store.set_progress(ids, int(99 * done / total))
+            try:
+                self.store.set_progress(ids, int(99 * done / total))
+            except STORAGE_ERRORS as exc:  # progress is advisory: a storage hiccup must not stop the generation
+                if not progress_lost:
+                    logger.warning("progress of %s not saved (the generation goes on): %s", ids, exc)
+                progress_lost = True
 
         def should_cancel() -> bool:
             return self._stop.is_set() or all(i in self._cancelled for i in ids)
@@ -141,7 +178,7 @@ class BatchWorker:
             if self._stop.is_set():
                 logger.info("shutting down: %s back to the queue after %d steps", ids, steps_seen)
                 for job_id in ids:
-                    self.store.requeue(job_id)
+                    self._settle(f"re-queueing {job_id}", lambda j=job_id: self.store.requeue(j))
             else:
                 logger.info("batch %s cancelled after %d steps", ids, steps_seen)
             self._finish(ids)
@@ -150,13 +187,14 @@ class BatchWorker:
             if _is_oom(exc) and len(batch) > 1:
                 logger.warning("out of memory with a batch of %d; running its jobs one by one", len(batch))
                 for job in batch:
-                    self._run_batch([job])
+                    self._run_claimed([job])
                 return
             hint = (" (out of memory: try a smaller size, fewer frames, or MICROVERSE_OFFLOAD=model)"
                     if _is_oom(exc) else "")
             logger.exception("engine call failed for %s", ids)
+            reason = f"{type(exc).__name__}: {exc}{hint}"
             for job in batch:
-                self.store.fail(job.id, "generation_failed", f"{type(exc).__name__}: {exc}{hint}")
+                self._settle(f"failing {job.id}", lambda j=job: self.store.fail(j.id, "generation_failed", reason))
                 self.metrics.jobs_total.labels("failed").inc()
             self._finish(ids)
             return
@@ -165,26 +203,61 @@ class BatchWorker:
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
         for job, frames in zip(batch, result.videos, strict=True):
-            if job.id in self._cancelled:
-                continue
-            t_enc = time.perf_counter()
-            try:
-                write_atomic(self.store.video_path(job.id), encode_mp4(frames, job.spec.fps))
-                write_atomic(self.store.thumb_path(job.id), thumbnail(frames))
-            except OSError as exc:
-                logger.error("could not store the video of %s: %s", job.id, exc)
-                self.store.fail(job.id, "storage_error", f"could not write the video to the storage dir: {exc}")
-                self.metrics.jobs_total.labels("failed").inc()
-                continue
-            timings = {"batch_size": len(batch), "denoise_s": round(result.denoise_seconds, 4),
-                       "decode_s": round(result.decode_seconds, 4),
-                       "encode_s": round(time.perf_counter() - t_enc, 4),
-                       "queue_s": round((job.started_at or job.created_at) - job.created_at, 4)}
-            if self.store.complete(job.id, timings):
-                self.metrics.jobs_total.labels("completed").inc()
-            else:  # deleted while running
-                self.store.delete_files(job.id)
+            if job.id not in self._cancelled:
+                self._store_video(job, frames, result, len(batch))
         self._finish(ids)
+
+    def _store_video(self, job: Job, frames, result: BatchResult, batch_size: int) -> None:
+        """Write a finished job's files, then mark it completed (or failed when the files cannot be written
+        within ``storage_retry_s``)."""
+        t_enc = time.perf_counter()
+        video, thumb = encode_mp4(frames, job.spec.fps), thumbnail(frames)
+
+        def write() -> None:
+            write_atomic(self.store.video_path(job.id), video)
+            write_atomic(self.store.thumb_path(job.id), thumb)
+
+        try:
+            self._retry(f"storing the video of {job.id}", write, self.storage_retry_s)
+        except OSError as exc:
+            logger.error("could not store the video of %s: %s", job.id, exc)
+            reason = f"could not write the video to the storage dir: {exc}"
+            self._settle(f"failing {job.id}", lambda: self.store.fail(job.id, "storage_error", reason))
+            self.metrics.jobs_total.labels("failed").inc()
+            return
+        timings = {"batch_size": batch_size, "denoise_s": round(result.denoise_seconds, 4),
+                   "decode_s": round(result.decode_seconds, 4), "encode_s": round(time.perf_counter() - t_enc, 4),
+                   "queue_s": round((job.started_at or job.created_at) - job.created_at, 4)}
+        if self._settle(f"completing {job.id}", lambda: self.store.complete(job.id, timings)):
+            self.metrics.jobs_total.labels("completed").inc()
+        elif not self._stop.is_set():  # deleted while running
+            self.store.delete_files(job.id)
+
+    # -- storage retries -------------------------------------------------------------------------
+    def _retry(self, what: str, write: Callable[[], T], limit_s: float | None = None) -> T:
+        """``write()``, retried with backoff while storage fails (a full disk, a busy database); re-raises once
+        ``limit_s`` has passed or the worker is stopping."""
+        deadline = None if limit_s is None else time.monotonic() + limit_s
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                return write()
+            except STORAGE_ERRORS as exc:
+                if self._stop.is_set() or (deadline is not None and time.monotonic() + delay > deadline):
+                    raise
+                logger.warning("%s: storage error (%s); retrying in %.1f s", what, exc, delay)
+                self._stop.wait(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
+
+    def _settle(self, what: str, write: Callable[[], T]) -> T | None:
+        """A job-state write (complete, fail, re-queue), retried until storage takes it. Only a shutdown ends
+        the retries; the job is then still ``in_progress`` in the database, and the next start's recovery
+        re-queues it."""
+        try:
+            return self._retry(what, write)
+        except STORAGE_ERRORS as exc:
+            logger.error("%s: storage still failing at shutdown (%s); the next start recovers the job", what, exc)
+            return None
 
     def _finish(self, ids: list[str]) -> None:
         for i in ids:

@@ -1,5 +1,5 @@
-"""The ``microverse`` command: ``serve``, ``generate``, ``info``, ``bench`` and the ``eval`` / ``train`` /
-``data`` groups of the evaluation and training packages.
+"""The ``microverse`` command: ``serve``, ``generate``, ``info``, ``bench``, the ``jobs`` group (job database
+check and recovery) and the ``eval`` / ``train`` / ``data`` groups of the evaluation and training packages.
 
 The evaluation and training packages never import the serving package; the commands of theirs that run a
 checkpoint (``eval physics --model``, ``train demo``, ``train demo-bench``) find the serving engine as the
@@ -27,10 +27,15 @@ from training.cli import data_group, train_group
 
 from .checkpoint_options import check_checkpoint_options
 from .config import Settings
+from .lifecycle import SERVER_PID_ENV
 from .sources import model_runner
 from .tools.inference_bench import bench_command
 
 logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 30
+"""Seconds open requests (a ``/generate`` waiting for its video) may hold up a stop before they are cut; well
+inside a 60 s termination grace period."""
 
 
 def settings_options(func):
@@ -145,12 +150,23 @@ def main(ctx: click.Context, verbose: bool) -> None:
 def serve(port: int, host: str, **overrides) -> None:
     """Serve the model with BentoML (``bentoml serve microverse.service:MicroVerse``), from any directory.
 
-    This process becomes the BentoML server (``exec``), so a SIGTERM or Ctrl-C reaches it directly.
+    This process becomes the BentoML server (``exec``), so a SIGTERM or Ctrl-C reaches it directly; requests
+    still open ``GRACEFUL_SHUTDOWN_S`` after it are cut, and the running batch goes back to the queue.
     """
+    import ipaddress
+
     settings = build_settings(overrides)
-    env = {**os.environ, **settings.to_env()}
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name, which may resolve to any interface
+        loopback = False
+    if settings.api_key is None and not loopback:
+        logger.warning("serving on %s without MICROVERSE_API_KEY: anyone who can reach this address can make, read "
+                       "and delete videos; set MICROVERSE_API_KEY or bind --host 127.0.0.1", host)
+    # The worker knows its server's pid from the start (lifecycle.SPAWN_PARENT_PID): this process becomes it.
+    env = {**os.environ, **settings.to_env(), SERVER_PID_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "bentoml", "serve", "microverse.service:MicroVerse", "--port", str(port),
-           "--host", host]
+           "--host", host, "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)]
     logger.info("starting: %s", " ".join(cmd))
     logging.shutdown()
     os.execve(sys.executable, cmd, env)
@@ -258,6 +274,51 @@ main.add_command(eval_group, "eval")
 main.add_command(train_group, "train")
 main.add_command(data_group, "data")
 main.add_command(bench_command, "bench")
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """Check or recover the job database of a storage dir (run these with the service stopped)."""
+
+
+def storage_dir_option(func):
+    return click.option("--storage-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                        default=None, help="The service's storage dir [default: MICROVERSE_STORAGE_DIR's].")(func)
+
+
+@jobs_group.command("check")
+@storage_dir_option
+def jobs_check(storage_dir: Path | None) -> None:
+    """Say whether the service can open the job database (exit 1 when it cannot)."""
+    from .recovery import check_database
+
+    root = storage_dir or Settings().storage_dir
+    problem = check_database(root)
+    if problem is not None:
+        raise click.ClickException(f"the job database in {root} is unusable: {problem}; "
+                                   f"run `microverse jobs recover --storage-dir {root}`")
+    click.echo(f"the job database in {root} is usable")
+
+
+@jobs_group.command("recover")
+@storage_dir_option
+@click.option("--delete-orphans", is_flag=True, help="Also delete the job files no job refers to.")
+def jobs_recover(storage_dir: Path | None, delete_orphans: bool) -> None:
+    """Move an unusable job database aside (never deleted), salvage every readable job into a new one and list
+    the job files no job refers to."""
+    from .recovery import recover
+
+    root = storage_dir or Settings().storage_dir
+    report = recover(root, delete_orphans=delete_orphans)
+    if report.problem is None:
+        click.echo(f"the job database in {root} is usable; nothing to recover")
+    else:
+        click.echo(f"the job database was unusable ({report.problem})")
+        click.echo(f"moved aside to {report.moved_to}" if report.moved_to else "there was no database file")
+        click.echo(f"{report.salvaged} job(s) salvaged into a new {root / 'jobs.sqlite3'}")
+    if report.orphans:
+        verb = "deleted" if report.orphans_deleted else "left in place (delete them with --delete-orphans)"
+        click.echo(f"{len(report.orphans)} job file(s) belong to no job: {verb}")
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ Every field is also a ``microverse serve`` flag (``--max-batch-size 8`` sets
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,10 @@ AttentionBackend = Literal["auto", "native", "cudnn", "flash", "flash3", "sage",
 Quantization = Literal["none", "int8wo", "fp8"]
 Offload = Literal["none", "model", "sequential"]
 Preset = Literal["exact", "fast"]
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""What a named adapter (``MICROVERSE_LORAS``) may be called."""
+LORA_SLOT = re.compile(r"^lora_\d+$")
+"""The names the always-on LoRAs of ``MICROVERSE_LORA`` get (``lora_0``, ...): not free for named adapters."""
 
 
 def default_cache_dir() -> Path:
@@ -37,9 +42,13 @@ class Settings(BaseSettings):
     model: str | None = None
     """Base checkpoint: a diffusers-format folder or a Hugging Face id. Empty: the embedded default."""
     lora: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """LoRA files or folders (comma-separated in the environment): diffusers/PEFT or upstream MicroVerse format."""
+    """LoRA files or folders applied to every request (comma-separated in the environment), in any Wan layout:
+    diffusers/PEFT, original Wan, ComfyUI, LightX2V, kohya/musubi, upstream MicroVerse."""
     lora_scale: float = 1.0
-    """Strength applied to every LoRA."""
+    """Strength applied to every LoRA of ``lora``."""
+    loras: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """Named adapters a request may pick with its ``lora`` field (or as its OpenAI ``model``):
+    ``name=path,name=path`` (names: letters, digits, ``._-``). All stay loaded; switching never reloads the base."""
     transformer: str | None = None
     """Full fine-tuned DiT replacing the base one: a diffusers transformer folder or one safetensors file in
     original Wan keys."""
@@ -98,6 +107,9 @@ class Settings(BaseSettings):
     """Finished jobs and their files are deleted this long after completion."""
     max_attempts: int = Field(2, ge=1)
     """Times a job is started before an interruption (crash) marks it failed."""
+    storage_retry_s: float = Field(30.0, ge=0)
+    """How long a finished video keeps being retried while the storage dir cannot take it (a full disk) before its
+    job fails with ``storage_error``. Job-state writes to the database are retried for as long as it takes."""
     redact_prompts: bool = False
     """Log a hash and length instead of the prompt text of each queued job."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -115,6 +127,20 @@ class Settings(BaseSettings):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v or []
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, v):
+        if isinstance(v, str):
+            pairs = [p.strip() for p in v.split(",") if p.strip()]
+            bad = [p for p in pairs if "=" not in p]
+            if bad:
+                raise ValueError(f"expected name=path pairs separated by commas, got {bad[0]!r}")
+            v = dict(p.split("=", 1) for p in pairs)
+        for name in v or {}:
+            if not ADAPTER_NAME.match(name) or LORA_SLOT.match(name):
+                raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not lora_<n>)")
+        return {k.strip(): str(p).strip() for k, p in (v or {}).items()}
+
     @field_validator("model", "transformer", "model_name", "api_key", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
@@ -128,6 +154,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, list):
                 value = ",".join(value)
+            elif isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
             elif isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, bool):

@@ -41,7 +41,7 @@ def get_runtime(request: Request) -> Runtime:
 def get_engine_runtime(request: Request) -> Runtime:
     """The runtime of a service whose model is loaded; 503 naming the load error otherwise."""
     rt = get_runtime(request)
-    if not rt.ready:
+    if rt.engine is None or rt.load_error is not None:
         raise APIError(503, f"the model is not loaded: {rt.load_error}", None, "model_not_loaded")
     return rt
 

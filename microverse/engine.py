@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import Settings
-from .loading import LoadedModel, load_pipeline
+from .loading import LoadedModel, activate, load_pipeline
 from .optimize import RuntimeChoice, apply_optimizations, quantization_config, resolve_device, resolve_dtype
 from .presets import Plan, PresetOptions, PromptEmbeddingCache, applied, cfg_truncation, make_plan
 from .schemas import GenerationSpec
@@ -68,6 +68,11 @@ class DiffusersEngine:
         self.options = options or PresetOptions()
         self.prompt_cache = PromptEmbeddingCache(self.options.prompt_cache_size)
         self._lock = threading.Lock()
+        self._active: tuple[str | None, float] = (None, 1.0)
+        self.adapter_switches = 0
+        """Times a batch needed other adapters than the one before."""
+        self.adapter_switch_seconds = 0.0
+        """Total time those switches took (``set_adapters``: the weights stay loaded)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiffusersEngine:
@@ -106,6 +111,7 @@ class DiffusersEngine:
         pipe = self.model.pipe
         max_len = self.model.defaults.max_sequence_length
         with self._lock, torch.inference_mode():
+            self._use_adapter(first.lora, first.lora_scale)
             t0 = time.perf_counter()
             prompt_embeds = self.prompt_cache.embed(pipe, [s.prompt for s in specs], max_len)
             negative_embeds = (self.prompt_cache.embed(pipe, [first.negative_prompt] * len(specs), max_len)
@@ -128,6 +134,18 @@ class DiffusersEngine:
             videos = self.decode(latents)
             t2 = time.perf_counter()
         return BatchResult(videos, t1 - t0, t2 - t1, latents=latents, plan=plan)
+
+    def _use_adapter(self, adapter: str | None, scale: float) -> None:
+        """Activate the batch's adapter when it differs from the previous batch's (timed)."""
+        if (adapter, scale) == self._active:
+            return
+        t0 = time.perf_counter()
+        activate(self.model.pipe, self.model, adapter, scale)
+        self._active = (adapter, scale)
+        self.adapter_switches += 1
+        self.adapter_switch_seconds += time.perf_counter() - t0
+        logger.info("adapter %s at %g active (switch %.1f ms)", adapter or "none", scale,
+                    1000 * (time.perf_counter() - t0))
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """VAE-decode Wan latents to uint8 frame arrays (T, H, W, 3)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evaluation.judge import JudgeConfigError, JudgeError
 from evaluation.judge_api import JudgeInputError
+
+from .jobs import DatabaseUnusable, is_corruption
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,20 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(JudgeConfigError)
     async def _judge_config(request: Request, exc: JudgeConfigError) -> JSONResponse:
         return error_response(502, f"the judge model refused the configuration: {exc}", None, "judge_misconfigured")
+
+    @app.exception_handler(DatabaseUnusable)
+    async def _database_unusable(request: Request, exc: DatabaseUnusable) -> JSONResponse:
+        return error_response(503, str(exc), None, "storage_unavailable")
+
+    @app.exception_handler(sqlite3.Error)
+    async def _database_failed(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        logger.error("job database error on %s %s: %s", request.method, request.url.path, exc)
+        runtime = getattr(request.app.state, "runtime", None)
+        if is_corruption(exc) and runtime is not None:  # not ready from now on: the operator recovers it
+            runtime.store_damaged(str(exc))
+            return error_response(503, str(DatabaseUnusable(runtime.store_error)), None, "storage_unavailable")
+        return error_response(503, "the job database is busy or full; retry later", None, "storage_unavailable",
+                              {"Retry-After": "10"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_RE = re.compile(r"^video_[0-9a-f]{32}$")
 ACTIVE = ("queued", "in_progress")
+DB_FILE = "jobs.sqlite3"
+APPLICATION_ID = 0x4D564A42
+"""SQLite ``application_id`` stamped on the job database ("MVJB"), so another program's file is told apart."""
+RECOVERY_COMMAND = "microverse jobs recover --storage-dir <MICROVERSE_STORAGE_DIR>"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,6 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
 """
+COLUMNS = ("id", "kind", "status", "progress", "spec", "batch_key", "model", "owner", "attempts", "created_at",
+           "started_at", "completed_at", "expires_at", "error_code", "error_message", "timings")
+"""The columns of ``jobs``, in order (a table with others is not ours)."""
 
 
 class StorageError(Exception):
@@ -62,6 +69,68 @@ def is_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL  # the primary of an extended code
+
+
+class DatabaseUnusable(Exception):
+    """The job database cannot be used as it is: unreadable, corrupt, another program's, or emptied while the
+    videos of its jobs remain. The service then starts without it (not ready, the reason in ``/info``) and never
+    replaces it with an empty one; :data:`RECOVERY_COMMAND` moves it aside and salvages what it can."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the job database is unusable: {reason}; recover with `{RECOVERY_COMMAND}`")
+        self.reason = reason
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether an SQLite error means a damaged or foreign file (rather than a busy or full one)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return isinstance(exc, sqlite3.DatabaseError) and code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def job_files(videos_dir: Path) -> list[Path]:
+    """The job files (videos, thumbnails) in a videos folder."""
+    return sorted(p for p in videos_dir.glob("video_*") if JOB_ID_RE.match(p.name.split(".")[0]))
+
+
+def open_database(root: Path, check_lost: bool = True) -> sqlite3.Connection:
+    """Open (or create) the job database in ``root`` after checking it; :class:`DatabaseUnusable` when the file
+    is unreadable, fails SQLite's ``quick_check``, belongs to another program, or (with ``check_lost``) is missing
+    or empty while job files remain (its records were lost: starting empty would silently drop them)."""
+    path = root / DB_FILE
+    if check_lost and (not path.exists() or path.stat().st_size == 0):
+        files = job_files(root / "videos")
+        if files:
+            state = "is empty (0 bytes)" if path.exists() else "is missing"
+            raise DatabaseUnusable(f"{DB_FILE} {state} but {len(files)} job file(s) remain in videos/")
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        _check(db)
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise DatabaseUnusable(f"{DB_FILE} cannot be read ({exc})") from exc
+    except DatabaseUnusable:
+        db.close()
+        raise
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def _check(db: sqlite3.Connection) -> None:
+    """SQLite's ``quick_check`` and the file's identity (ours, or an empty file)."""
+    problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise DatabaseUnusable(f"{DB_FILE} failed SQLite's integrity check: {'; '.join(problems[:3])}")
+    app_id = db.execute("PRAGMA application_id").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    columns = tuple(r[1] for r in db.execute("PRAGMA table_info(jobs)"))
+    ours = app_id == APPLICATION_ID or (app_id == 0 and tables <= {"jobs"})  # 0: written before the stamp
+    if not ours or (tables and columns != COLUMNS):
+        raise DatabaseUnusable(f"{DB_FILE} is not a MicroVerse job database (application_id {app_id:#x}, "
+                               f"tables {sorted(tables)})")
 
 
 @dataclass
@@ -86,7 +155,8 @@ class Job:
 
 
 class JobStore:
-    """Thread-safe job table and the per-job file layout under ``root``."""
+    """Thread-safe job table and the per-job file layout under ``root``. Opening it checks the database
+    (:func:`open_database`)."""
 
     def __init__(self, root: Path, retention_s: float, max_attempts: int = 2):
         self.root = Path(root)
@@ -95,11 +165,7 @@ class JobStore:
         self.retention_s = retention_s
         self.max_attempts = max_attempts
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.root)
 
     # -- files -------------------------------------------------------------------------------
     def video_path(self, job_id: str) -> Path:
@@ -269,9 +335,12 @@ class JobStore:
                  now, now + self.retention_s, self.max_attempts)).rowcount
             requeued = self._db.execute(
                 "UPDATE jobs SET status='queued', progress=0 WHERE status='in_progress'").rowcount
-        for row in self._execute("SELECT id FROM jobs WHERE status IN ('queued','in_progress')").fetchall():
-            for p in (self.video_path(row[0]), self.thumb_path(row[0])):
+        for row in self._execute("SELECT * FROM jobs WHERE status IN ('queued','in_progress')").fetchall():
+            for p in (self.video_path(row["id"]), self.thumb_path(row["id"])):
                 p.with_suffix(p.suffix + ".part").unlink(missing_ok=True)
+            job = self._row_to_job(row)
+            if job is not None and row["batch_key"] != json.dumps(job.spec.batch_key):  # queued by another version
+                self._execute("UPDATE jobs SET batch_key=? WHERE id=?", (json.dumps(job.spec.batch_key), job.id))
         if failed or requeued:
             logger.warning("recovered after restart: %d job(s) re-queued, %d failed", requeued, failed)
         return {"requeued": requeued, "failed": failed}

@@ -1,5 +1,5 @@
-"""Checkpoint sources: a diffusers folder or Hugging Face id, LoRA (diffusers/PEFT and upstream
-MicroVerse keys), a full DiT in original Wan keys, and the embedded default model.
+"""Checkpoint sources: a diffusers folder or Hugging Face id, LoRA (every Wan layout: ``microverse.lora``), a
+full DiT in original Wan keys, and the embedded default model.
 
 Nothing is silently ignored: a LoRA or DiT key that matches no module (or the wrong shape) stops
 loading with a :class:`CheckpointError` that names it.
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import Settings
+from .lora import LoraFormatError, format_keys, to_diffusers, user_names
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class LoadedModel:
     defaults: ModelDefaults
     """Generation defaults."""
     loras: list[str] = field(default_factory=list)
-    """LoRA files applied."""
+    """LoRA files applied to every request (adapters ``lora_0``, ``lora_1``, ...)."""
+    lora_scale: float = 1.0
+    """Strength of those LoRAs."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Named adapters a request may pick: name -> LoRA file."""
     transformer_override: str | None = None
     """Full fine-tuned DiT applied, if any."""
 
@@ -118,85 +123,77 @@ def _read_safetensors(path: Path, preferred: str | None = None) -> tuple[dict[st
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def _wan_to_diffusers_name(module: str) -> str:
-    """Original Wan module name (``blocks.0.self_attn.q``) to the diffusers one (``blocks.0.attn1.to_q``)."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    (name,) = convert_wan_transformer_to_diffusers({module + ".weight": None}).keys()
-    return name[: -len(".weight")]
-
-
-def _format_keys(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def lora_to_diffusers(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Normalise a LoRA state dict to diffusers keys ``transformer.<module>.lora_{A,B}.weight``.
-
-    Accepts diffusers/PEFT keys (``transformer.`` prefix or bare diffusers module names) and the
-    upstream MicroVerse/DiffSynth format (original Wan names, ``.lora_A.default.weight``; trained
-    with alpha = rank, so applied at scale 1 as upstream does). Unknown layouts raise.
-    """
-    out: dict[str, torch.Tensor] = {}
-    bad: list[str] = []
-    for key, value in state_dict.items():
-        k = key.replace(".default.", ".")
-        for prefix in ("diffusion_model.", "model.diffusion_model.", "base_model.model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if k.startswith("transformer."):
-            out[k] = value
-            continue
-        parts = k.rsplit(".", 2)  # module, lora_X, weight|bias
-        if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B", "lora_down", "lora_up"):
-            bad.append(key)
-            continue
-        module, kind, leaf = parts
-        kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
-        is_original = any(s in module for s in ("self_attn", "cross_attn", "ffn.0", "ffn.2", "head.head"))
-        if is_original:
-            module = _wan_to_diffusers_name(module)
-        out[f"transformer.{module}.{kind}.{leaf}"] = value
-    if bad:
-        raise CheckpointError(f"{source}: keys that are not LoRA weights: {_format_keys(bad)}")
-    return out
-
-
-def check_lora_keys(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Raise if a LoRA key names no Linear of ``transformer`` or has the wrong shape."""
+def check_lora_keys(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                    names: dict[str, str] | None = None) -> None:
+    """Raise if a (diffusers-key) LoRA tensor names no Linear of ``transformer`` or has the wrong shape; ``names``
+    maps a module to its name in the user's file, which the error then gives too."""
     modules = dict(transformer.named_modules())
+    names = names or {}
     problems: list[str] = []
     for key, value in state_dict.items():
-        module_name, kind, _leaf = key[len("transformer."):].rsplit(".", 2)
-        mod = modules.get(module_name)
+        module_name, kind, leaf = key[len("transformer."):].rsplit(".", 2)
+        mod = getattr(modules.get(module_name), "base_layer", modules.get(module_name))  # under an earlier adapter
+        theirs = f", {names[module_name]} in the file" if module_name in names else ""
         if not isinstance(mod, torch.nn.Linear):
-            problems.append(f"{key} (no Linear '{module_name}' in the transformer)")
-        elif kind == "lora_A" and value.ndim == 2 and value.shape[1] != mod.in_features:
-            problems.append(f"{key} (in_features {value.shape[1]} != {mod.in_features})")
-        elif kind == "lora_B" and value.ndim == 2 and value.shape[0] != mod.out_features:
-            problems.append(f"{key} (out_features {value.shape[0]} != {mod.out_features})")
+            problems.append(f"{key} (no Linear '{module_name}' in the transformer{theirs})")
+        elif kind == "lora_A" and (value.ndim != 2 or value.shape[1] != mod.in_features):
+            problems.append(f"{key} (in_features {value.shape[-1]} != {mod.in_features}{theirs})")
+        elif kind == "lora_B" and leaf == "weight" and (value.ndim != 2 or value.shape[0] != mod.out_features):
+            problems.append(f"{key} (out_features {value.shape[0]} != {mod.out_features}{theirs})")
+        elif kind == "lora_B" and leaf == "bias" and value.shape != (mod.out_features,):
+            problems.append(f"{key} (bias of {tuple(value.shape)} != ({mod.out_features},){theirs})")
     if problems:
-        raise CheckpointError(
-            f"LoRA {source} does not fit this model; unmatched keys: {_format_keys(problems)}"
-        )
+        raise CheckpointError(f"LoRA {source} does not fit this model; unmatched keys: {format_keys(problems)}")
 
 
-def apply_loras(pipe, paths: list[str], scale: float) -> list[str]:
-    """Load and activate every LoRA in ``paths`` at ``scale``; returns the files used."""
-    used, names = [], []
-    for i, p in enumerate(paths):
-        sd, file = _read_safetensors(Path(p), preferred="pytorch_lora_weights.safetensors")
-        sd = lora_to_diffusers(sd, str(file))
-        check_lora_keys(pipe.transformer, sd, str(file))
-        name = f"lora_{i}"
-        pipe.load_lora_weights(sd, adapter_name=name)
-        used.append(str(file))
-        names.append(name)
-        logger.info("LoRA %s loaded (%d tensors) as %s", file, len(sd), name)
+@dataclass
+class LoraFile:
+    """A LoRA file read and converted to diffusers keys."""
+
+    file: Path
+    """The safetensors file."""
+    state_dict: dict[str, torch.Tensor]
+    """Tensors under diffusers keys ``transformer.<module>.lora_{A,B}.<weight|bias>``, alpha folded in."""
+    metadata: dict | None
+    """Adapter metadata (rank, alpha) of a diffusers-saved file."""
+    names: dict[str, str]
+    """Diffusers module name -> its name in the file (for errors)."""
+
+
+def read_lora(path: str) -> LoraFile:
+    """A LoRA file (or a folder holding one) in any layout of :mod:`microverse.lora`; :class:`CheckpointError`
+    names the file's keys on any problem."""
+    sd, file = _read_safetensors(Path(path), preferred="pytorch_lora_weights.safetensors")
+    try:
+        converted, metadata = to_diffusers(sd, file)
+    except LoraFormatError as exc:
+        raise CheckpointError(f"LoRA {file}: {exc}") from None
+    return LoraFile(file=file, state_dict=converted, metadata=metadata, names=user_names(sd))
+
+
+def load_adapter(pipe, path: str, name: str) -> str:
+    """Load the LoRA at ``path`` into the transformer as adapter ``name`` (not activated); returns its file."""
+    lora = read_lora(path)
+    check_lora_keys(pipe.transformer, lora.state_dict, str(lora.file), lora.names)
+    pipe.load_lora_into_transformer(lora.state_dict, transformer=pipe.transformer, adapter_name=name,
+                                    metadata=lora.metadata, _pipeline=pipe)
+    logger.info("LoRA %s loaded (%d tensors) as %s", lora.file, len(lora.state_dict), name)
+    return str(lora.file)
+
+
+def activate(pipe, model: LoadedModel, adapter: str | None = None, scale: float = 1.0) -> None:
+    """Make the always-on LoRAs plus the named ``adapter`` (at ``scale``) the active ones (``set_adapters``:
+    weights already loaded, nothing reloaded)."""
+    names = [f"lora_{i}" for i in range(len(model.loras))]
+    weights = [model.lora_scale] * len(names)
+    if adapter is not None:
+        names.append(adapter)
+        weights.append(scale)
     if names:
-        pipe.set_adapters(names, [scale] * len(names))
-    return used
+        pipe.enable_lora()
+        pipe.set_adapters(names, weights)
+    elif model.adapters:
+        pipe.disable_lora()
 
 
 def apply_transformer(pipe, source: str) -> str:
@@ -222,11 +219,11 @@ def apply_transformer(pipe, source: str) -> str:
     if unexpected or missing or wrong:
         parts = []
         if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+            parts.append(f"unexpected keys: {format_keys(unexpected)}")
         if missing:
-            parts.append(f"missing keys: {_format_keys(missing)}")
+            parts.append(f"missing keys: {format_keys(missing)}")
         if wrong:
-            parts.append(f"shape mismatches: {_format_keys(wrong)}")
+            parts.append(f"shape mismatches: {format_keys(wrong)}")
         raise CheckpointError(f"DiT {file} does not fit the base model; " + "; ".join(parts))
     base.load_state_dict({k: v.to(expected[k].dtype) for k, v in converted.items()}, strict=True)
     return str(file)
@@ -256,9 +253,12 @@ def load_pipeline(
     except Exception as exc:
         raise CheckpointError(f"could not load a WanPipeline from {source!r}: {exc}") from exc
     transformer_override = apply_transformer(pipe, settings.transformer) if settings.transformer else None
-    loras = apply_loras(pipe, settings.lora, settings.lora_scale) if settings.lora else []
+    loras = [load_adapter(pipe, p, f"lora_{i}") for i, p in enumerate(settings.lora)]
+    adapters = {name: load_adapter(pipe, p, name) for name, p in settings.loras.items()}
     name = settings.model_name or (Path(source).name if not settings.model or Path(source).exists() else source)
-    return LoadedModel(
+    model = LoadedModel(
         pipe=pipe, name=name, source=source, description=description, defaults=read_defaults(source),
-        loras=loras, transformer_override=transformer_override,
+        loras=loras, lora_scale=settings.lora_scale, adapters=adapters, transformer_override=transformer_override,
     )
+    activate(pipe, model)
+    return model

@@ -37,6 +37,8 @@ class VideoCreateBody(BaseModel):
     guidance_scale: float | None = None
     num_frames: int | None = Field(None, description="Overrides seconds when given (4k+1).")
     fps: int | None = None
+    lora: Text | None = Field(None, description="Named adapter (also chosen by naming it as the model).")
+    lora_scale: float | None = Field(None, allow_inf_nan=False, description="Strength of the adapter, 0-4 (1).")
 
 
 class VideoError(BaseModel):
@@ -84,8 +86,9 @@ def to_video_object(job: Job) -> VideoObject:
     )
 
 
-def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int) -> GenerateRequest:
-    """Map OpenAI's size/seconds onto our request fields."""
+def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int,
+                        adapter: str | None = None) -> GenerateRequest:
+    """Map OpenAI's size/seconds onto our request fields (``adapter``: the one ``model`` named, if any)."""
     width = height = None
     if body.size is not None:
         m = SIZE_RE.match(body.size.strip())
@@ -97,7 +100,8 @@ def to_generate_request(body: VideoCreateBody, fps_default: int, max_frames: int
         num_frames = frames_for(body.seconds, body.fps or fps_default, max_frames)
     return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
                            num_frames=num_frames, num_inference_steps=body.num_inference_steps,
-                           guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps)
+                           guidance_scale=body.guidance_scale, seed=body.seed, fps=body.fps,
+                           lora=body.lora or adapter, lora_scale=body.lora_scale)
 
 
 def frames_for(seconds: float, fps: int, max_frames: int) -> int:

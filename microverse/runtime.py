@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +17,7 @@ from evaluation.judge_api import JudgeService
 from .batching import BatchWorker
 from .config import Settings
 from .engine import DiffusersEngine, VideoEngine
-from .jobs import JobStore
+from .jobs import RECOVERY_COMMAND, DatabaseUnusable, JobStore
 from .metrics import ServiceMetrics
 from .schemas import Limits
 
@@ -34,13 +35,14 @@ def versions() -> dict[str, str]:
 
 def limits_of(settings: Settings, engine: VideoEngine | None = None) -> Limits:
     """The request limits the settings (and the model's positional embedding) impose."""
-    max_side = 1 << 30
+    max_side, adapters = 1 << 30, ()
     if engine is not None:
         pipe = engine.model.pipe
         cfg = pipe.transformer.config
         max_side = cfg.rope_max_seq_len * cfg.patch_size[1] * pipe.vae_scale_factor_spatial
+        adapters = tuple(engine.model.adapters)
     return Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames, max_steps=settings.max_steps,
-                  max_side=max_side)
+                  max_side=max_side, adapters=adapters)
 
 
 def _make_judge(settings: Settings) -> JudgeService | None:
@@ -58,10 +60,12 @@ class Runtime:
 
     settings: Settings
     """The ``MICROVERSE_*`` settings the service started with."""
-    store: JobStore
-    """Durable jobs (SQLite + files) shared by every route."""
     metrics: ServiceMetrics
     """The service's Prometheus metrics."""
+    jobs: JobStore | None = None
+    """Durable jobs (SQLite + files) shared by every route; None when the database is unusable (see ``store``)."""
+    store_error: str | None = None
+    """Why the job database cannot be used (checked at start, or found damaged while serving), for ``/info``."""
     engine: VideoEngine | None = None
     """The loaded model's engine; None when the model failed to load."""
     load_error: str | None = None
@@ -69,16 +73,23 @@ class Runtime:
     judge: JudgeService | None = None
     """The rubric judge behind ``/judge``; None until ``MICROVERSE_JUDGE_BASE_URL`` is set."""
     worker: BatchWorker | None = field(default=None, repr=False)
-    """The thread running queued jobs in batches; None without an engine."""
+    """The thread running queued jobs in batches; None without an engine or a usable job database."""
+    started_at: float = field(default_factory=time.time)
+    """When the service started (the ``created`` time of ``GET /v1/models``)."""
 
     @classmethod
     def start(cls, settings: Settings, engine: VideoEngine | None = None) -> Runtime:
-        """Load the model (unless ``engine`` is given), recover the job store and start the worker.
+        """Open the job store, load the model (unless ``engine`` is given), recover the store and start the worker.
 
-        A model that fails to load leaves the service up but not ready, with the reason in ``/info``.
+        A model that fails to load, or a job database that is unusable, leaves the service up but not ready, with
+        the reason in ``/info``; an unusable database is left as it is for ``microverse jobs recover``.
         """
-        store = JobStore(settings.storage_dir, settings.job_retention_hours * 3600, settings.max_attempts)
-        rt = cls(settings=settings, store=store, metrics=ServiceMetrics())
+        rt = cls(settings=settings, metrics=ServiceMetrics())
+        try:
+            rt.jobs = JobStore(settings.storage_dir, settings.job_retention_hours * 3600, settings.max_attempts)
+        except DatabaseUnusable as exc:
+            rt.store_error = exc.reason
+            logger.error("%s (storage dir %s); the service is up but not ready", exc, settings.storage_dir)
         if engine is None:
             try:
                 engine = DiffusersEngine.from_settings(settings)
@@ -87,18 +98,33 @@ class Runtime:
                 logger.error("model failed to load; the service is up but not ready: %s", rt.load_error)
         rt.engine = engine
         rt.judge = _make_judge(settings)
-        store.recover()
-        if engine is not None:
-            rt.worker = BatchWorker(store, engine, rt.metrics, settings.max_batch_size,
-                                    settings.max_batch_wait_ms / 1000)
+        if rt.jobs is not None:
+            rt.jobs.recover()
+        if engine is not None and rt.jobs is not None:
+            rt.worker = BatchWorker(rt.jobs, engine, rt.metrics, settings.max_batch_size,
+                                    settings.max_batch_wait_ms / 1000, settings.storage_retry_s)
             rt.worker.start()
             rt.worker.notify()
         return rt
 
     @property
+    def store(self) -> JobStore:
+        """The job store; :class:`DatabaseUnusable` (a 503 for requests) when its database cannot be used."""
+        if self.jobs is None or self.store_error is not None:
+            raise DatabaseUnusable(self.store_error or "not opened")
+        return self.jobs
+
+    def store_damaged(self, reason: str) -> None:
+        """The database was found damaged while serving: stop using it (not ready; recovery is an operator's)."""
+        if self.store_error is None:
+            logger.error("the job database is damaged (%s); the service is not ready until `%s`", reason,
+                         RECOVERY_COMMAND)
+        self.store_error = f"damaged while serving: {reason}"
+
+    @property
     def ready(self) -> bool:
-        """Whether a model is loaded and requests can be served."""
-        return self.engine is not None and self.load_error is None
+        """Whether a model is loaded, the job database is usable, and requests can be served."""
+        return self.engine is not None and self.load_error is None and self.store_error is None
 
     @property
     def limits(self) -> Limits:
@@ -116,6 +142,8 @@ class Runtime:
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
                          "max_queue": s.max_queue},
             "job_retention_hours": s.job_retention_hours,
+            "storage": {"ok": self.store_error is None, "error": self.store_error,
+                        "recovery": RECOVERY_COMMAND if self.store_error else None},
             "judge": ({"model": self.judge.judge.config.model} if self.judge is not None else None),
         }
         if self.engine is None:
@@ -124,7 +152,11 @@ class Runtime:
         tcfg = m.pipe.transformer.config
         out.update({
             "model": {"name": m.name, "source": m.source, "description": m.description, "loras": m.loras,
-                      "lora_scale": s.lora_scale if m.loras else None, "transformer_override": m.transformer_override},
+                      "lora_scale": s.lora_scale if m.loras else None, "transformer_override": m.transformer_override,
+                      "adapters": m.adapters},
+            "adapter_switches": {"count": self.engine.adapter_switches,
+                                 "mean_ms": round(1000 * self.engine.adapter_switch_seconds
+                                                  / max(1, self.engine.adapter_switches), 3)},
             "architecture": {
                 "family": "Wan2.1 text-to-video (WanTransformer3DModel + AutoencoderKLWan + UMT5)",
                 "num_layers": tcfg.num_layers, "num_attention_heads": tcfg.num_attention_heads,
@@ -146,4 +178,5 @@ class Runtime:
         """Stop the worker (re-queueing its batch) and close the job store."""
         if self.worker is not None:
             self.worker.stop()
-        self.store.close()
+        if self.jobs is not None:
+            self.jobs.close()

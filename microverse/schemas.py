@@ -60,6 +60,8 @@ class Limits:
     """Largest num_inference_steps."""
     max_side: int = 1 << 30
     """Largest height or width the model's positional embedding covers."""
+    adapters: tuple[str, ...] = ()
+    """Named adapters a request may pick."""
 
 
 class GenerateRequest(BaseModel):
@@ -77,6 +79,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, description="Random seed; omitted: a random one, returned in X-Seed.")
     fps: int | None = Field(None, description="Frames per second of the mp4 (1-60).")
     preset: Preset | None = Field(None, description="Speed preset (exact or fast); omitted: the server's.")
+    lora: Text | None = Field(None, description="Named adapter to apply (GET /v1/models lists them); omitted: none.")
+    lora_scale: float | None = Field(None, allow_inf_nan=False, description="Strength of that adapter, 0-4 (1).")
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,16 @@ class GenerationSpec:
     fps: int
     preset: str | None = None
     """Speed preset; None: the server's (``MICROVERSE_PRESET``)."""
+    lora: str | None = None
+    """Named adapter (``MICROVERSE_LORAS``) to apply; None: only the always-on LoRAs."""
+    lora_scale: float = 1.0
+    """Strength of ``lora``."""
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one engine call."""
+        """Requests with equal keys can share one engine call (one adapter per call)."""
         return (self.negative_prompt, self.height, self.width, self.num_frames,
-                self.num_inference_steps, self.guidance_scale, self.preset)
+                self.num_inference_steps, self.guidance_scale, self.preset, self.lora, self.lora_scale)
 
     @property
     def seconds(self) -> float:
@@ -152,4 +160,21 @@ def resolve(req: GenerateRequest, defaults: ModelDefaults, limits: Limits) -> Ge
                            "guidance_scale", "fps")}
     seed = random.SystemRandom().randrange(2**31) if req.seed is None else req.seed
     check_inputs(prompt=req.prompt, seed=seed, limits=limits, **values)
-    return GenerationSpec(prompt=req.prompt, seed=seed, preset=req.preset, **values)
+    lora_scale = check_adapter(req.lora, req.lora_scale, limits)
+    return GenerationSpec(prompt=req.prompt, seed=seed, preset=req.preset, lora=req.lora, lora_scale=lora_scale,
+                          **values)
+
+
+def check_adapter(lora: str | None, lora_scale: float | None, limits: Limits) -> float:
+    """The adapter's scale (1 when omitted); :class:`InputError` naming ``lora`` or ``lora_scale`` when the adapter is
+    not served here or the scale is outside 0..4."""
+    if lora is not None and lora not in limits.adapters:
+        served = ", ".join(limits.adapters) or "none"
+        raise InputError("lora", f"no adapter named {lora!r} is served here (adapters: {served})")
+    if lora_scale is None:
+        return 1.0
+    if lora is None:
+        raise InputError("lora_scale", "lora_scale needs lora (the adapter it scales)")
+    if not 0 <= lora_scale <= 4:
+        raise InputError("lora_scale", f"lora_scale must be in 0..4, got {lora_scale:g}")
+    return lora_scale

@@ -15,6 +15,7 @@ with bentoml.importing():
     from .api import create_app
     from .config import Settings
     from .deps import RequireApiKey
+    from .lifecycle import ParentWatchdog
     from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class MicroVerse:
     """Text-to-video for micro-world simulation: ``/generate``, ``/v1/videos``, ``/judge``, ``/info``, ``/metrics``."""
 
     def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        # armed before the model loads: a worker whose server was SIGKILLed (no SIGTERM came) stops itself
+        self.watchdog = ParentWatchdog(self._stop_runtime).start()
         self.runtime = Runtime.start(Settings())
         app.state.runtime = self.runtime
 
@@ -47,7 +51,11 @@ class MicroVerse:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self.runtime.stop()
+        self.watchdog.shutdown()
+
+    def _stop_runtime(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
 
 
 if settings.api_key is not None:  # around BentoML's own routes too (/metrics, /docs.json, /schema.json)

@@ -6,72 +6,17 @@ import time
 
 import httpx
 import pytest
-import torch
 
-from microverse.engine import DiffusersEngine
-from microverse.runtime import Runtime
+from tests.conftest import wait_status
 
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
 V1_SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}
 
 
-class SlowEngine:
-    """The real engine, slowed down per step, optionally failing with out-of-memory."""
-
-    def __init__(self, engine, step_s=0.0, oom_above=None):
-        self.inner, self.step_s, self.oom_above = engine, step_s, oom_above
-        self.model, self.choice = engine.model, engine.choice
-        self.batch_sizes = []
-
-    def generate(self, specs, on_step=None, should_cancel=None):
-        self.batch_sizes.append(len(specs))
-        if self.oom_above is not None and len(specs) > self.oom_above:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-        def step(i, n):
-            time.sleep(self.step_s)
-            if on_step:
-                on_step(i, n)
-
-        return self.inner.generate(specs, on_step=step, should_cancel=should_cancel)
-
-
-@pytest.fixture
-def runtime_with(make_settings):
-    """Start a Runtime on the tiny model with a wrapped engine; yields a factory (engine_kwargs, settings)."""
-    from fastapi.testclient import TestClient
-
-    from microverse.api import create_app
-
-    made = []
-
-    def make(engine_kwargs=None, **settings):
-        s = make_settings(**settings)
-        engine = SlowEngine(DiffusersEngine.from_settings(s), **(engine_kwargs or {}))
-        app = create_app()
-        app.state.runtime = Runtime.start(s, engine=engine)
-        made.append(app.state.runtime)
-        return TestClient(app, raise_server_exceptions=False), app.state.runtime, engine
-
-    yield make
-    for rt in made:
-        rt.stop()
-
-
-def wait_status(client, vid, statuses, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = client.get(f"/v1/videos/{vid}").json()
-        if v["status"] in statuses:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"{vid} never reached {statuses}: {v}")
-
-
 def test_disk_full_fails_the_job_with_a_reason_and_the_service_stays_up(runtime_with, monkeypatch):
     import microverse.batching as batching
 
-    client, _rt, _ = runtime_with()
+    client, _rt, _ = runtime_with(storage_retry_s=0.5)  # a disk that stays full: the job fails after the retries
     real_write = batching.write_atomic
 
     def full(path, data):

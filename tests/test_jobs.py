@@ -1,5 +1,6 @@
 """The durable job store: persistence, recovery after a crash, expiry, corrupted records."""
 
+import json
 import time
 
 from microverse.jobs import JobStore
@@ -64,3 +65,15 @@ def test_pagination(tmp_path):
     page2 = store.list(limit=2, order="asc", after=page1[-1].id)
     assert [j.id for j in page1 + page2] == ids[:4]
     assert [j.id for j in store.list(limit=10)] == ids[::-1]
+
+
+def test_jobs_queued_by_an_older_version_get_todays_batch_key_at_start(tmp_path):
+    """A batch key that gained fields (the adapter) must not strand the jobs queued under the old one."""
+    store = JobStore(tmp_path, retention_s=60)
+    job = store.create(SPEC, "m")
+    old_key = json.dumps(list(SPEC.batch_key)[:7])
+    store._execute("UPDATE jobs SET batch_key=? WHERE id=?", (old_key, job.id))
+    store.close()
+    store = JobStore(tmp_path, retention_s=60)
+    store.recover()
+    assert [j.id for j in store.claim_batch(SPEC.batch_key, 4)] == [job.id]

@@ -25,14 +25,14 @@ def frames(settings: Settings) -> np.ndarray:
 
 def upstream_lora(transformer, rank=4, seed=0) -> dict[str, torch.Tensor]:
     """A LoRA in the upstream MicroVerse layout: original Wan names with PEFT '.default' suffixes."""
-    from microverse.loading import _wan_to_diffusers_name
+    from tests.test_lora_formats import WAN_TO_DIFFUSERS
 
     g = torch.Generator().manual_seed(seed)
     modules = dict(transformer.named_modules())
     sd = {}
     for i in range(transformer.config.num_layers):
         for t in TARGETS:
-            lin = modules[_wan_to_diffusers_name(f"blocks.{i}.{t}")]
+            lin = modules[f"blocks.{i}.{WAN_TO_DIFFUSERS[t]}"]
             sd[f"blocks.{i}.{t}.lora_A.default.weight"] = torch.randn(rank, lin.in_features, generator=g)
             sd[f"blocks.{i}.{t}.lora_B.default.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.5
     return sd

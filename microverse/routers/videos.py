@@ -37,11 +37,16 @@ def job_or_404(rt: Runtime, job_id: str, owner: str | None) -> Job:
 async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> VideoObject:
     body, _ = await read_body(request, VideoCreateBody)
     model = rt.engine.model
-    if body.model is not None and body.model not in (model.name, "microverse"):
-        raise APIError(400, f"model {body.model!r} is not served here; this server serves {model.name!r}",
+    if body.model is not None and body.model not in (model.name, "microverse", *model.adapters):
+        served = ", ".join([model.name, *model.adapters])
+        raise APIError(400, f"model {body.model!r} is not served here; this server serves {served}",
                        "model", "model_not_found")
+    if body.model in model.adapters and body.lora not in (None, body.model):
+        raise APIError(400, f"model {body.model!r} is an adapter and lora names another ({body.lora!r})", "lora",
+                       "invalid_value")
+    adapter = body.model if body.model in model.adapters else None
     try:
-        spec = resolve(to_generate_request(body, model.defaults.fps, rt.settings.max_frames),
+        spec = resolve(to_generate_request(body, model.defaults.fps, rt.settings.max_frames, adapter),
                        model.defaults, rt.limits)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc

@@ -2,7 +2,9 @@
 
 BentoML starts each worker in a process group of its own, so signalling the server's group alone would
 orphan the workers (a worker left behind keeps its port, its GPU and its job): every signal here goes to
-the groups of the whole process tree.
+the groups of the whole process tree. Once the server itself is gone its workers are no longer in its tree
+(they stop themselves, :mod:`microverse.lifecycle`): take a :func:`process_tree` while it runs and
+:func:`kill_processes` it at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -33,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+def spawn_service(env: dict[str, str], port: int, log: Path, cli: bool = False) -> subprocess.Popen:
     """Start the service on ``127.0.0.1:port`` with ``env`` on top of this process's environment, output
-    appended to ``log`` (see :func:`wait_ready`)."""
-    cmd = [sys.executable, "-m", "bentoml", "serve", "microverse.service:MicroVerse", "--port", str(port),
-           "--host", "127.0.0.1"]
+    appended to ``log`` (see :func:`wait_ready`); with ``cli``, as ``microverse serve`` (which becomes the
+    BentoML server) rather than ``bentoml serve``."""
+    server = ["microverse.cli", "serve"] if cli else ["bentoml", "serve", "microverse.service:MicroVerse"]
+    cmd = [sys.executable, "-m", *server, "--port", str(port), "--host", "127.0.0.1"]
     with open(log, "ab") as log_file:  # the service writes to its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,15 +61,36 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 18
     raise RuntimeError(f"the service was not ready in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def _process_groups(pid: int) -> set[int]:
-    """Process groups of ``pid`` and all its descendants (empty once it is gone)."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants now (empty once it is gone). Each remembers its start time, so a
+    later signal through it never reaches a reused pid."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return set()
-    groups = set()
+        return []
+
+
+def kill_processes(procs: Iterable[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
+    """SIGKILL those of ``procs`` still running, and their descendants, and wait for them; returns those that
+    were still running."""
+    alive = {}
     for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running():
+                for p in [proc, *proc.children(recursive=True)]:
+                    alive[p.pid] = p
+    for proc in alive.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive.values(), timeout=timeout)
+    return list(alive.values())
+
+
+def _process_groups(pid: int) -> set[int]:
+    """Process groups of ``pid`` and all its descendants (empty once it is gone)."""
+    groups = set()
+    for proc in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(proc.pid))
     return groups

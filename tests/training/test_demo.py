@@ -11,7 +11,15 @@ from click.testing import CliRunner
 from microverse.loading import DEFAULTS_FILE, ModelDefaults, read_defaults
 from microverse.sources import engine_generate, model_runner
 from training.cli import main as training_main
-from training.demo import METRICS_FILE, build_demo, compare_metrics, demo_debug_config, write_defaults
+from training.demo import (
+    METRICS_FILE,
+    build_demo,
+    compare_metrics,
+    comparison_notes,
+    demo_debug_config,
+    vae_recipe_change,
+    write_defaults,
+)
 
 
 def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
@@ -53,6 +61,23 @@ def test_compare_metrics_names_what_is_out_of_tolerance():
     worse["training"]["loss_last"] = np.float64(0.25)
     problems = compare_metrics(worse, ref)
     assert len(problems) == 3 and problems[1] == "overall physics accuracy: 0.60 vs reference 0.80"
+
+
+
+def test_the_final_loss_is_compared_only_between_models_of_the_same_vae_recipe():
+    """The DiT's loss is measured in the VAE's latent space: with another VAE recipe it is reported, not compared."""
+    ref = {"acceptance": {}, "physics_accuracy": {"model": {"overall": 0.6}}, "training": {"loss_last": 0.28},
+           "config": {"vae": {"seed": 0, "steps": 1000, "data": "a", "size": 64}}}
+    new = json.loads(json.dumps(ref))
+    new["training"]["loss_last"] = 0.34
+    new["config"]["vae"].update(data="b", size=48)  # folders and sizes are filled in by the recipe: no change
+    assert vae_recipe_change(new, ref) is None
+    assert compare_metrics(new, ref) == ["final loss 0.3400 vs reference 0.2800"] and comparison_notes(new, ref) == []
+    new["config"]["vae"]["seed"] = 2
+    assert vae_recipe_change(new, ref) == "seed 2 vs 0"
+    assert compare_metrics(new, ref) == []
+    assert comparison_notes(new, ref) == ["final loss 0.3400 vs reference 0.2800 not compared: the VAE recipes "
+                                          "differ (seed 2 vs 0), so the DiT was trained in another latent space"]
 
 
 def test_written_defaults_load_through_the_service(tmp_path):
