@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 AttentionBackend = Literal["auto", "native", "cudnn", "flash", "flash3", "sage", "xformers"]
 Quantization = Literal["none", "int8wo", "fp8"]
 Offload = Literal["none", "model", "sequential"]
-Preset = Literal["exact", "fast"]
+Preset = Literal["exact", "fast", "distilled"]
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What a named adapter (``MICROVERSE_LORAS``) may be called."""
 LORA_SLOT = re.compile(r"^lora_\d+$")
@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     """Decode the VAE in tiles to bound memory at large sizes."""
     preset: Preset = "exact"
     """Speed preset: ``exact`` keeps the math (kernel choice, text-embedding cache, bf16 VAE decode);
-    ``fast`` adds lossy levers (fewer UniPC steps, first-block step cache, CFG truncation). Requests may override it."""
+    ``fast`` adds lossy levers (fewer UniPC steps, first-block step cache, CFG truncation); ``distilled`` runs the
+    sampling a distilled checkpoint or adapter declares (steps, guidance, sampler, shift). Requests may override it."""
     vae_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """VAE decode dtype; ``auto`` is bfloat16 on CUDA (PSNR vs float32 reported by ``microverse bench``), float32
     on CPU."""

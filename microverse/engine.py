@@ -96,7 +96,7 @@ class DiffusersEngine:
             raise ValueError(f"incompatible specs in one batch: {keys}")
         first = specs[0]
         plan = make_plan(first.preset or self.options.preset, first.num_inference_steps, first.guidance_scale,
-                         self.options)
+                         self.options, first.scheduler, first.flow_shift)
         total = plan.num_inference_steps
 
         def callback(pipe, i, t, kwargs):

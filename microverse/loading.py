@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -29,6 +30,8 @@ EMBEDDED_DESCRIPTION = (
 )
 DEFAULTS_FILE = "microverse_defaults.json"
 """Optional file in a checkpoint folder overriding :class:`ModelDefaults`."""
+DEFAULTS_METADATA_KEY = "microverse_defaults"
+"""The safetensors metadata entry in which a LoRA declares its own :class:`ModelDefaults` fields (JSON)."""
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +58,35 @@ class ModelDefaults:
     """Text tokens fed to the encoder."""
     negative_prompt: str = ""
     """Default negative prompt."""
+    scheduler: Literal["unipc", "euler"] | None = None
+    """Sampler a step-distilled checkpoint or adapter was trained for: ``unipc`` (diffusers' Wan default) or
+    ``euler`` (flow-matching Euler); None: the pipeline's own scheduler."""
+    flow_shift: float | None = None
+    """Timestep shift for that sampler; None: the scheduler's own."""
+    cfg_distilled: bool = False
+    """Guidance is distilled into the weights: one forward per step (guidance 1), and a request for guidance
+    above 1 is refused."""
+
+    @property
+    def distilled(self) -> bool:
+        """Whether these defaults declare a distilled sampling (what the ``distilled`` preset runs)."""
+        return self.cfg_distilled or self.scheduler is not None
+
+
+def defaults_from(data: Any, base: ModelDefaults, source: str) -> ModelDefaults:
+    """``base`` with the known fields of ``data`` (a ``microverse_defaults`` object) on top, type-checked;
+    :class:`CheckpointError` naming ``source`` and the field otherwise."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: microverse defaults must be a JSON object, got {type(data).__name__}")
+    known = {k: v for k, v in data.items() if k in ModelDefaults.__dataclass_fields__}
+    try:
+        return TypeAdapter(ModelDefaults).validate_python({**asdict(base), **known})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise CheckpointError(f"{source}: microverse defaults field {'.'.join(map(str, err['loc']))}: "
+                              f"{err['msg']}") from None
 
 
 @dataclass
@@ -77,8 +109,14 @@ class LoadedModel:
     """Strength of those LoRAs."""
     adapters: dict[str, str] = field(default_factory=dict)
     """Named adapters a request may pick: name -> LoRA file."""
+    adapter_defaults: dict[str, ModelDefaults] = field(default_factory=dict)
+    """Defaults of the adapters whose file declares its own (a distilled adapter: steps, guidance, sampler)."""
     transformer_override: str | None = None
     """Full fine-tuned DiT applied, if any."""
+
+    def defaults_for(self, adapter: str | None) -> ModelDefaults:
+        """The defaults of a request that picks ``adapter`` (the model's own when the adapter declares none)."""
+        return self.adapter_defaults.get(adapter, self.defaults) if adapter is not None else self.defaults
 
 
 def embedded_model_path() -> Path:
@@ -94,11 +132,13 @@ def embedded_model_path() -> Path:
 def read_defaults(source: str) -> ModelDefaults:
     """``microverse_defaults.json`` from a local checkpoint folder, else Wan2.1's defaults."""
     path = Path(source) / DEFAULTS_FILE
-    if path.is_file():
+    if not path.is_file():
+        return ModelDefaults()
+    try:
         data = json.loads(path.read_text())
-        known = {k: v for k, v in data.items() if k in ModelDefaults.__dataclass_fields__}
-        return ModelDefaults(**known)
-    return ModelDefaults()
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return defaults_from(data, ModelDefaults(), str(path))
 
 
 def _read_safetensors(path: Path, preferred: str | None = None) -> tuple[dict[str, torch.Tensor], Path]:
@@ -158,6 +198,8 @@ class LoraFile:
     """Adapter metadata (rank, alpha) of a diffusers-saved file."""
     names: dict[str, str]
     """Diffusers module name -> its name in the file (for errors)."""
+    defaults: dict | None = None
+    """The ``microverse_defaults`` the file's metadata declares (a distilled adapter's sampling), if any."""
 
 
 def read_lora(path: str) -> LoraFile:
@@ -168,17 +210,32 @@ def read_lora(path: str) -> LoraFile:
         converted, metadata = to_diffusers(sd, file)
     except LoraFormatError as exc:
         raise CheckpointError(f"LoRA {file}: {exc}") from None
-    return LoraFile(file=file, state_dict=converted, metadata=metadata, names=user_names(sd))
+    return LoraFile(file=file, state_dict=converted, metadata=metadata, names=user_names(sd),
+                    defaults=declared_defaults(file))
 
 
-def load_adapter(pipe, path: str, name: str) -> str:
-    """Load the LoRA at ``path`` into the transformer as adapter ``name`` (not activated); returns its file."""
+def declared_defaults(file: Path) -> dict | None:
+    """The ``microverse_defaults`` JSON object in a safetensors file's metadata, if it has one."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        raw = (f.metadata() or {}).get(DEFAULTS_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: metadata {DEFAULTS_METADATA_KEY} is not valid JSON ({exc})") from None
+
+
+def load_adapter(pipe, path: str, name: str) -> LoraFile:
+    """Load the LoRA at ``path`` into the transformer as adapter ``name`` (not activated)."""
     lora = read_lora(path)
     check_lora_keys(pipe.transformer, lora.state_dict, str(lora.file), lora.names)
     pipe.load_lora_into_transformer(lora.state_dict, transformer=pipe.transformer, adapter_name=name,
                                     metadata=lora.metadata, _pipeline=pipe)
     logger.info("LoRA %s loaded (%d tensors) as %s", lora.file, len(lora.state_dict), name)
-    return str(lora.file)
+    return lora
 
 
 def activate(pipe, model: LoadedModel, adapter: str | None = None, scale: float = 1.0) -> None:
@@ -253,12 +310,20 @@ def load_pipeline(
     except Exception as exc:
         raise CheckpointError(f"could not load a WanPipeline from {source!r}: {exc}") from exc
     transformer_override = apply_transformer(pipe, settings.transformer) if settings.transformer else None
+    defaults = read_defaults(source)
     loras = [load_adapter(pipe, p, f"lora_{i}") for i, p in enumerate(settings.lora)]
+    for lora in loras:  # an always-on LoRA that declares its sampling (a distillation LoRA) sets the model's
+        if lora.defaults is not None:
+            defaults = defaults_from(lora.defaults, defaults, str(lora.file))
     adapters = {name: load_adapter(pipe, p, name) for name, p in settings.loras.items()}
     name = settings.model_name or (Path(source).name if not settings.model or Path(source).exists() else source)
     model = LoadedModel(
-        pipe=pipe, name=name, source=source, description=description, defaults=read_defaults(source),
-        loras=loras, lora_scale=settings.lora_scale, adapters=adapters, transformer_override=transformer_override,
+        pipe=pipe, name=name, source=source, description=description, defaults=defaults,
+        loras=[str(lora.file) for lora in loras], lora_scale=settings.lora_scale,
+        adapters={n: str(lora.file) for n, lora in adapters.items()},
+        adapter_defaults={n: defaults_from(lora.defaults, defaults, str(lora.file))
+                          for n, lora in adapters.items() if lora.defaults is not None},
+        transformer_override=transformer_override,
     )
     activate(pipe, model)
     return model

@@ -70,28 +70,55 @@ class Plan:
     """Steps run with CFG (both forwards); the rest run the conditional forward only."""
     cache_threshold: float
     """First-block cache threshold; 0: no step cache."""
+    scheduler: str | None = None
+    """Sampler the model or adapter declares (``unipc``, ``euler``), used for this call; None: see ``unipc``."""
+    flow_shift: float | None = None
+    """Timestep shift of that sampler; None: the pipeline scheduler's."""
 
 
-def make_plan(preset: str, requested_steps: int, guidance_scale: float, options: PresetOptions) -> Plan:
-    """The plan of ``preset`` for a request of ``requested_steps`` steps."""
-    if preset == "exact":
-        return Plan("exact", requested_steps, False, requested_steps, 0.0)
+def make_plan(preset: str, requested_steps: int, guidance_scale: float, options: PresetOptions,
+              scheduler: str | None = None, flow_shift: float | None = None) -> Plan:
+    """The plan of ``preset`` for a request of ``requested_steps`` steps (``scheduler``/``flow_shift``: the
+    declared sampler of a distilled model, which every preset keeps)."""
+    if preset in ("exact", "distilled"):  # distilled: the request already carries the declared steps and guidance
+        return Plan(preset, requested_steps, False, requested_steps, 0.0, scheduler, flow_shift)
     if preset != "fast":
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     steps = max(1, math.ceil(requested_steps * options.fast_step_ratio))
     cfg_steps = steps if guidance_scale <= 1 else max(1, math.ceil(steps * options.fast_cfg_cutoff))
-    return Plan("fast", steps, True, cfg_steps, options.fast_cache_threshold)
+    return Plan("fast", steps, scheduler is None, cfg_steps, options.fast_cache_threshold, scheduler, flow_shift)
 
 
-def unipc_like(scheduler):
-    """A UniPC flow-matching solver with the same shift as ``scheduler``."""
+def unipc_like(scheduler, shift: float | None = None):
+    """A UniPC flow-matching solver with ``shift`` (default: the same shift as ``scheduler``)."""
     from diffusers import UniPCMultistepScheduler
 
-    if isinstance(scheduler, UniPCMultistepScheduler):
+    if isinstance(scheduler, UniPCMultistepScheduler) and shift in (None, scheduler.config.get("flow_shift")):
         return scheduler
-    shift = scheduler.config.get("flow_shift") or scheduler.config.get("shift") or 1.0
+    shift = shift or _shift_of(scheduler)
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
                                    num_train_timesteps=scheduler.config.num_train_timesteps)
+
+
+def euler_like(scheduler, shift: float | None = None):
+    """A flow-matching Euler sampler with ``shift`` (default: the same shift as ``scheduler``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift or _shift_of(scheduler),
+                                           num_train_timesteps=scheduler.config.num_train_timesteps)
+
+
+def _shift_of(scheduler) -> float:
+    return scheduler.config.get("flow_shift") or scheduler.config.get("shift") or 1.0
+
+
+def scheduler_for(plan: Plan, scheduler):
+    """The scheduler of one call under ``plan`` (``scheduler``, the pipeline's, when the plan swaps nothing)."""
+    if plan.scheduler == "euler":
+        return euler_like(scheduler, plan.flow_shift)
+    if plan.scheduler == "unipc" or plan.unipc:
+        return unipc_like(scheduler, plan.flow_shift)
+    return scheduler
 
 
 @contextmanager
@@ -100,8 +127,7 @@ def applied(pipe, plan: Plan) -> Iterator[None]:
     scheduler = pipe.scheduler
     cached = False
     try:
-        if plan.unipc:
-            pipe.scheduler = unipc_like(scheduler)
+        pipe.scheduler = scheduler_for(plan, scheduler)
         if plan.cache_threshold > 0:
             from diffusers import FirstBlockCacheConfig
 

@@ -67,6 +67,8 @@ class VideoObject(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     fps: int
+    lora: str | None = None
+    """The named adapter the video was made with (None: the base model)."""
 
 
 def to_video_object(job: Job) -> VideoObject:
@@ -82,7 +84,7 @@ def to_video_object(job: Job) -> VideoObject:
         error=(VideoError(code=job.error_code or "error", message=printable(job.error_message or ""))
                if job.status == "failed" else None),
         seed=s.seed, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
-        guidance_scale=s.guidance_scale, fps=s.fps,
+        guidance_scale=s.guidance_scale, fps=s.fps, lora=s.lora,
     )
 
 

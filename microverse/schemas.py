@@ -78,7 +78,7 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, description="Classifier-free guidance, 0-20.")
     seed: int | None = Field(None, description="Random seed; omitted: a random one, returned in X-Seed.")
     fps: int | None = Field(None, description="Frames per second of the mp4 (1-60).")
-    preset: Preset | None = Field(None, description="Speed preset (exact or fast); omitted: the server's.")
+    preset: Preset | None = Field(None, description="Speed preset (exact, fast or distilled); omitted: the server's.")
     lora: Text | None = Field(None, description="Named adapter to apply (GET /v1/models lists them); omitted: none.")
     lora_scale: float | None = Field(None, allow_inf_nan=False, description="Strength of that adapter, 0-4 (1).")
 
@@ -102,12 +102,16 @@ class GenerationSpec:
     """Named adapter (``MICROVERSE_LORAS``) to apply; None: only the always-on LoRAs."""
     lora_scale: float = 1.0
     """Strength of ``lora``."""
+    scheduler: str | None = None
+    """Sampler the model or adapter declares (``unipc`` or ``euler``); None: the pipeline's own."""
+    flow_shift: float | None = None
+    """Timestep shift the model or adapter declares; None: the scheduler's own."""
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one engine call (one adapter per call)."""
-        return (self.negative_prompt, self.height, self.width, self.num_frames,
-                self.num_inference_steps, self.guidance_scale, self.preset, self.lora, self.lora_scale)
+        """Requests with equal keys can share one engine call (one adapter and sampler per call)."""
+        return (self.negative_prompt, self.height, self.width, self.num_frames, self.num_inference_steps,
+                self.guidance_scale, self.preset, self.lora, self.lora_scale, self.scheduler, self.flow_shift)
 
     @property
     def seconds(self) -> float:
@@ -161,8 +165,28 @@ def resolve(req: GenerateRequest, defaults: ModelDefaults, limits: Limits) -> Ge
     seed = random.SystemRandom().randrange(2**31) if req.seed is None else req.seed
     check_inputs(prompt=req.prompt, seed=seed, limits=limits, **values)
     lora_scale = check_adapter(req.lora, req.lora_scale, limits)
+    check_distilled(req, defaults)
     return GenerationSpec(prompt=req.prompt, seed=seed, preset=req.preset, lora=req.lora, lora_scale=lora_scale,
-                          **values)
+                          scheduler=defaults.scheduler, flow_shift=defaults.flow_shift, **values)
+
+
+def check_distilled(req: GenerateRequest, defaults: ModelDefaults) -> None:
+    """:class:`InputError` for guidance on a CFG-distilled model (``guidance_scale``), and for the ``distilled``
+    preset on a model that declares no distilled sampling (``preset``) or with steps or guidance other than the
+    declared ones."""
+    if defaults.cfg_distilled and req.guidance_scale is not None and req.guidance_scale > 1:
+        raise InputError("guidance_scale", f"this model is CFG-distilled (one forward per step): guidance_scale "
+                                           f"must be at most 1, got {req.guidance_scale:g}; omit it")
+    if req.preset != "distilled":
+        return
+    if not defaults.distilled:
+        raise InputError("preset", "preset 'distilled' needs a checkpoint or adapter that declares its distilled "
+                                   "sampling (microverse_defaults); this one does not")
+    for name in ("num_inference_steps", "guidance_scale"):
+        asked, declared = getattr(req, name), getattr(defaults, name)
+        if asked is not None and asked != declared:
+            raise InputError(name, f"preset 'distilled' runs the declared {name}={declared:g}; omit {name} "
+                                   "or choose another preset")
 
 
 def check_adapter(lora: str | None, lora_scale: float | None, limits: Limits) -> float:

@@ -21,7 +21,21 @@ SCREENSHOT = REPO_ROOT / "docs" / "playground.png"
 
 
 @pytest.fixture
-def ui_service(make_settings, monkeypatch, bench_dir):
+def adapter_file(tiny_model_dir, tmp_path) -> str:
+    """A LoRA file for the playground's adapter choice."""
+    from safetensors.torch import save_file
+
+    from microverse.config import Settings
+    from microverse.loading import load_pipeline
+    from tests.test_lora_formats import Delta
+
+    base = load_pipeline(Settings(model=str(tiny_model_dir), storage_dir=tmp_path)).pipe.transformer
+    save_file(Delta(base).file("comfyui", base), str(tmp_path / "cells.safetensors"))
+    return str(tmp_path / "cells.safetensors")
+
+
+@pytest.fixture
+def ui_service(make_settings, monkeypatch, bench_dir, adapter_file):
     """The service app with the playground router and a (fake) judge, served by uvicorn on loopback."""
     if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
         pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
@@ -33,7 +47,7 @@ def ui_service(make_settings, monkeypatch, bench_dir):
         monkeypatch.setenv("MICROVERSE_JUDGE_API_KEY", "test")
         monkeypatch.setenv("MICROVERSE_BENCHMARK", str(bench_dir))
         app = create_app()
-        app.state.runtime = Runtime.start(make_settings())
+        app.state.runtime = Runtime.start(make_settings(loras={"cells": adapter_file}))
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -86,6 +100,9 @@ def test_ui_generates_plays_and_judges(ui_service, tmp_path):
         for selector, value in (("#width", "64"), ("#height", "64"), ("#frames", "9"), ("#steps", "2"),
                                 ("#seed", "7")):
             page.fill(selector, value)
+        assert page.is_visible("#adapter"), "/v1/models lists an adapter, so the choice shows"
+        assert page.eval_on_selector_all("#adapter option", "os => os.map(o => o.value)") == ["", "cells"]
+        page.select_option("#adapter", "cells")
         page.click("#submit")
         page.wait_for_function("document.getElementById('status').dataset.status === 'completed'", timeout=120_000)
         seen = page.evaluate("window.seen")
@@ -100,6 +117,7 @@ def test_ui_generates_plays_and_judges(ui_service, tmp_path):
         jobs = httpx.get(ui_service + "/v1/videos?limit=1", headers={"Authorization": "Bearer k1"}).json()["data"]
         job_id = jobs[0]["id"]
         assert jobs[0]["status"] == "completed" and jobs[0]["num_frames"] == 9 and jobs[0]["seed"] == 7
+        assert jobs[0]["lora"] == "cells"
         card = f".card[data-id='{job_id}']"
         page.wait_for_function(f"document.querySelector(\"{card} img\")?.naturalWidth > 0", timeout=30_000)
         assert page.get_attribute(card, "data-status") == "completed"

@@ -238,8 +238,8 @@ def build_pipeline(cfg: DemoConfig, vae_dir: Path):
 
 
 def write_defaults(cfg: DemoConfig, folder: Path) -> None:
-    """``microverse_defaults.json``: the service's defaults for this model (every field of
-    ``microverse.loading.ModelDefaults``)."""
+    """``microverse_defaults.json``: the service's defaults for this model (the generation fields of
+    ``microverse.loading.ModelDefaults``; the demo model is not distilled, so no sampler is declared)."""
     defaults = {"height": cfg.size, "width": cfg.size, "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
                 "guidance_scale": cfg.guidance_scale, "fps": cfg.fps,
                 "max_sequence_length": cfg.model.max_sequence_length, "negative_prompt": ""}  # fmt: skip

@@ -26,7 +26,7 @@ async def generate(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> R
     """Generate one video synchronously; returns ``video/mp4`` with X-Seed and timing headers."""
     req, _ = await read_body(request, GenerateRequest)
     try:
-        spec = resolve(req, rt.engine.model.defaults, rt.limits)
+        spec = resolve(req, rt.engine.model.defaults_for(req.lora), rt.limits)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     done = await wait_for_video(rt, submit(rt, spec, "sync", owner))

@@ -46,8 +46,8 @@ async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) 
                        "invalid_value")
     adapter = body.model if body.model in model.adapters else None
     try:
-        spec = resolve(to_generate_request(body, model.defaults.fps, rt.settings.max_frames, adapter),
-                       model.defaults, rt.limits)
+        req = to_generate_request(body, model.defaults_for(body.lora or adapter).fps, rt.settings.max_frames, adapter)
+        spec = resolve(req, model.defaults_for(req.lora), rt.limits)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     return to_video_object(submit(rt, spec, "api", owner))
