@@ -106,6 +106,16 @@ def test_a_disk_that_stays_full_fails_the_job_with_a_reason_once_storage_is_back
     assert wait_status(client, ok, ("completed", "failed"))["status"] == "completed"
 
 
+def raising(exc: sqlite3.Error, code: int):
+    """A function that raises ``exc`` carrying SQLite's error ``code``, as the ``sqlite3`` module raises them."""
+    exc.sqlite_errorcode = code
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
 class FlakyDatabase:
     """Every write to the job database fails with SQLITE_FULL while ``full`` is set (a database that cannot grow)."""
 
@@ -117,9 +127,7 @@ class FlakyDatabase:
         def execute(sql, params=()):
             if self.full.is_set() and sql.lstrip().upper().startswith(("UPDATE", "INSERT", "DELETE")):
                 self.failures += 1
-                exc = sqlite3.OperationalError("database or disk is full")
-                exc.sqlite_errorcode = sqlite3.SQLITE_FULL
-                raise exc
+                raising(sqlite3.OperationalError("database or disk is full"), sqlite3.SQLITE_FULL)()
             return real(sql, params)
 
         store._execute = execute
@@ -283,12 +291,8 @@ def test_a_database_damaged_while_serving_turns_the_500_into_503_and_not_ready(m
     rt = client.app.state.runtime
     assert rt.ready
 
-    def malformed(*args, **kwargs):
-        exc = sqlite3.DatabaseError("database disk image is malformed")
-        exc.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
-        raise exc
-
-    monkeypatch.setattr(rt.store, "list", malformed)
+    monkeypatch.setattr(rt.store, "list", raising(sqlite3.DatabaseError("database disk image is malformed"),
+                                                  sqlite3.SQLITE_CORRUPT))
     r = client.get("/v1/videos")
     assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
     assert "malformed" in r.json()["error"]["message"]
@@ -300,12 +304,7 @@ def test_a_busy_database_is_a_503_with_retry_after_and_the_service_stays_ready(m
     client = make_client()
     rt = client.app.state.runtime
 
-    def locked(*args, **kwargs):
-        exc = sqlite3.OperationalError("database is locked")
-        exc.sqlite_errorcode = sqlite3.SQLITE_BUSY
-        raise exc
-
-    monkeypatch.setattr(rt.store, "list", locked)
+    monkeypatch.setattr(rt.store, "list", raising(sqlite3.OperationalError("database is locked"), sqlite3.SQLITE_BUSY))
     r = client.get("/v1/videos")
     assert r.status_code == 503 and r.headers["retry-after"] == "10"
     assert rt.ready
