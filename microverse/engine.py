@@ -141,11 +141,11 @@ class DiffusersEngine:
             return
         t0 = time.perf_counter()
         activate(self.model.pipe, self.model, adapter, scale)
+        took = time.perf_counter() - t0
         self._active = (adapter, scale)
         self.adapter_switches += 1
-        self.adapter_switch_seconds += time.perf_counter() - t0
-        logger.info("adapter %s at %g active (switch %.1f ms)", adapter or "none", scale,
-                    1000 * (time.perf_counter() - t0))
+        self.adapter_switch_seconds += took
+        logger.info("adapter %s at %g active (switch %.1f ms)", adapter or "none", scale, 1000 * took)
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """VAE-decode Wan latents to uint8 frame arrays (T, H, W, 3)."""

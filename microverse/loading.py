@@ -30,6 +30,8 @@ EMBEDDED_DESCRIPTION = (
 )
 DEFAULTS_FILE = "microverse_defaults.json"
 """Optional file in a checkpoint folder overriding :class:`ModelDefaults`."""
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+"""The safetensors metadata entry in which diffusers saves a LoRA's adapter config (rank, alpha)."""
 DEFAULTS_METADATA_KEY = "microverse_defaults"
 """The safetensors metadata entry in which a LoRA declares its own :class:`ModelDefaults` fields (JSON)."""
 
@@ -195,7 +197,7 @@ class LoraFile:
     state_dict: dict[str, torch.Tensor]
     """Tensors under diffusers keys ``transformer.<module>.lora_{A,B}.<weight|bias>``, alpha folded in."""
     metadata: dict | None
-    """Adapter metadata (rank, alpha) of a diffusers-saved file."""
+    """Adapter config (rank, alpha) a diffusers-saved file carries in its metadata."""
     names: dict[str, str]
     """Diffusers module name -> its name in the file (for errors)."""
     defaults: dict | None = None
@@ -207,25 +209,30 @@ def read_lora(path: str) -> LoraFile:
     names the file's keys on any problem."""
     sd, file = _read_safetensors(Path(path), preferred="pytorch_lora_weights.safetensors")
     try:
-        converted, metadata = to_diffusers(sd, file)
+        converted = to_diffusers(sd, file)
     except LoraFormatError as exc:
         raise CheckpointError(f"LoRA {file}: {exc}") from None
-    return LoraFile(file=file, state_dict=converted, metadata=metadata, names=user_names(sd),
-                    defaults=declared_defaults(file))
+    header = _metadata(file)
+    return LoraFile(file=file, state_dict=converted, metadata=_json_entry(header, LORA_ADAPTER_METADATA_KEY, file),
+                    names=user_names(sd), defaults=_json_entry(header, DEFAULTS_METADATA_KEY, file))
 
 
-def declared_defaults(file: Path) -> dict | None:
-    """The ``microverse_defaults`` JSON object in a safetensors file's metadata, if it has one."""
+def _metadata(file: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
-        raw = (f.metadata() or {}).get(DEFAULTS_METADATA_KEY)
-    if raw is None:
+        return f.metadata() or {}
+
+
+def _json_entry(metadata: dict[str, str], key: str, file: Path) -> dict | None:
+    """The JSON object under ``key`` in a safetensors file's metadata, if it has one."""
+    if key not in metadata:
         return None
     try:
-        return json.loads(raw)
+        return json.loads(metadata[key])
     except ValueError as exc:
-        raise CheckpointError(f"{file}: metadata {DEFAULTS_METADATA_KEY} is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{file}: metadata {key} is not valid JSON ({exc})") from None
 
 
 def load_adapter(pipe, path: str, name: str) -> LoraFile:

@@ -94,19 +94,17 @@ def _group_problems(sd: dict[str, torch.Tensor], stem: str, roles: dict[str, str
     return problems
 
 
-def to_diffusers(sd: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The LoRA as diffusers keys ``transformer.<module>.lora_{A,B}.<weight|bias>`` (alpha folded in), and the
-    adapter metadata (rank, alpha) a diffusers file carries. :class:`LoraFormatError` on a malformed file."""
+def to_diffusers(sd: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """The LoRA as diffusers keys ``transformer.<module>.lora_{A,B}.<weight|bias>`` (alpha folded in), converted
+    in memory (the file is read once). :class:`LoraFormatError` on a malformed file."""
     from diffusers import WanPipeline
 
     check_lora_file(sd)
     fmt = lora_format(list(sd))
     if fmt == "microverse":
-        source: dict | str = {"diffusion_model." + k.replace(".default.", "."): v for k, v in sd.items()}
-    else:
-        source = str(file)  # diffusers reads the file itself, with its adapter metadata
+        sd = {"diffusion_model." + k.replace(".default.", "."): v for k, v in sd.items()}
     try:
-        converted, metadata = WanPipeline.lora_state_dict(source, return_lora_metadata=True)
+        converted = WanPipeline.lora_state_dict(dict(sd))
     except (KeyError, ValueError, IndexError, RuntimeError) as exc:
         raise LoraFormatError(f"its {fmt}-layout keys could not be converted ({type(exc).__name__}: {exc})") from exc
     out = {}
@@ -114,7 +112,7 @@ def to_diffusers(sd: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, tor
         k = key.removeprefix("base_model.model.").replace(".default.", ".")
         out[k if k.startswith("transformer.") else f"transformer.{k}"] = value
     logger.info("LoRA %s: %s layout, %d tensors -> %d diffusers tensors", file, fmt, len(sd), len(out))
-    return out, metadata
+    return out
 
 
 def user_names(sd: dict[str, torch.Tensor]) -> dict[str, str]:
