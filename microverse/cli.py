@@ -2,7 +2,8 @@
 check and recovery) and the ``eval`` / ``train`` / ``data`` groups of the evaluation and training packages.
 
 The evaluation and training packages never import the serving package; the commands of theirs that run a
-checkpoint (``eval physics --model``, ``train demo``, ``train demo-bench``) find the serving engine as the
+checkpoint (``eval physics --model``, ``train demo``, ``train demo-bench``, ``train distill``,
+``train distill-bench``) find the serving engine as the
 click context object, an :class:`evaluation.physics.ModelRunner` that :func:`main` sets from
 ``microverse.sources``.
 

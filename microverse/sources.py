@@ -30,22 +30,31 @@ BENCH_PROMPT = "a cell divides into two daughter cells"
 """Prompt of the timed clip (the mitosis acceptance prompt)."""
 
 
-def _engine(model_dir: str | Path) -> DiffusersEngine:
-    return DiffusersEngine.from_settings(Settings(model=str(model_dir)))
+ADAPTER = "adapter"
+"""Name the adapter of :func:`engine_generate` is served under."""
+
+
+def _engine(model_dir: str | Path, lora: str | Path | None = None) -> DiffusersEngine:
+    loras = {ADAPTER: str(lora)} if lora is not None else {}
+    return DiffusersEngine.from_settings(Settings(model=str(model_dir), loras=loras))
 
 
 def engine_generate(
-    model_dir: str | Path, size: int = 64, frames: int = 17, steps: int = 20, guidance_scale: float = 5.0
+    model_dir: str | Path, size: int = 64, frames: int = 17, steps: int = 20, guidance_scale: float = 5.0,
+    preset: str = "exact", lora: str | Path | None = None,
 ) -> Generate:
     """``generate(prompt, seed) -> frames`` of a checkpoint folder through the serving engine, at ``size``
     x ``size``, ``frames`` frames, ``steps`` denoising steps and CFG ``guidance_scale`` (the model's default
-    negative prompt)."""
-    engine = _engine(model_dir)
-    negative = engine.model.defaults.negative_prompt
+    negative prompt), under ``preset``; with ``lora``, that LoRA as a named adapter with the sampler it declares."""
+    engine = _engine(model_dir, lora)
+    adapter = ADAPTER if lora is not None else None
+    defaults = engine.model.defaults_for(adapter)
 
     def generate(prompt: str, seed: int) -> np.ndarray:
-        spec = GenerationSpec(prompt=prompt, negative_prompt=negative, height=size, width=size, num_frames=frames,
-                              num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, fps=16)  # fmt: skip
+        spec = GenerationSpec(prompt=prompt, negative_prompt=defaults.negative_prompt, height=size, width=size,
+                              num_frames=frames, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                              fps=16, preset=preset, lora=adapter, scheduler=defaults.scheduler,
+                              flow_shift=defaults.flow_shift)  # fmt: skip
         return engine.generate([spec]).videos[0]
 
     return generate

@@ -1,8 +1,9 @@
 """Click groups wired into the ``microverse`` CLI as ``microverse train`` and ``microverse data``.
 
-Also runnable as ``python -m training.cli train ...`` / ``python -m training.cli data ...``, except ``train demo``
-and ``train demo-bench``: they run checkpoints through the serving engine, which training never imports, so they
-take it as the :class:`~evaluation.physics.ModelRunner` that ``microverse.cli`` sets as the click context object.
+Also runnable as ``python -m training.cli train ...`` / ``python -m training.cli data ...``, except ``train demo``,
+``train demo-bench``, ``train distill`` (its benchmark) and ``train distill-bench``: they run checkpoints through
+the serving engine, which training never imports, so they take it as the
+:class:`~evaluation.physics.ModelRunner` that ``microverse.cli`` sets as the click context object.
 """
 
 from __future__ import annotations
@@ -238,6 +239,60 @@ def demo_bench_cmd(ctx: click.Context, model: str, repeats: int) -> None:
     runner = _model_runner(ctx)
     _setup_logging()
     click.echo(json.dumps(runner.benchmark(model, repeats), indent=2))
+
+
+@train_group.command("distill")
+@click.option("--out", default="outputs/distill", show_default=True, type=click.Path(file_okay=False),
+              help="Working folder; every stage resumes from what is there.")
+@click.option("--config", "config_name", default="demo", show_default=True, type=click.Choice(["demo", "debug"]),
+              help="Recipe (debug: seconds, for tests).")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="Teacher model folder (default: the embedded demo model).")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Benchmark the student against the teacher and write its model card.")
+@click.pass_context
+def distill_cmd(ctx: click.Context, out: str, config_name: str, teacher: str | None, bench: bool) -> None:
+    """Distil TEACHER into a few-step, CFG-free LoRA student (rectified-flow reflow, InstaFlow)."""
+    from dataclasses import replace
+
+    from training.distill import DISTILL_CONFIGS, distill, write_card
+
+    runner = _model_runner(ctx) if bench else None
+    _setup_logging()
+    cfg = DISTILL_CONFIGS[config_name]()
+    if teacher is not None:
+        cfg = replace(cfg, teacher=teacher)
+    student = distill(cfg, out)
+    if runner is not None:
+        click.echo(write_card(cfg, student, runner))
+    click.echo(f"student: {student}")
+
+
+@train_group.command("distill-bench")
+@click.argument("student", type=click.Path(exists=True))
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="Teacher model folder (default: the embedded demo model).")
+@click.option("--per-process", default=10, show_default=True, help="Held-out physics cases per process.")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+@click.pass_context
+def distill_bench_cmd(ctx: click.Context, student: str, teacher: str | None, per_process: int,
+                      json_out: str | None) -> None:  # fmt: skip
+    """Seconds per clip and physics accuracy, in one run on the held-out cases, of the teacher (its default
+    steps and CFG), its fast preset, and STUDENT (a LoRA) at each step count it was trained for."""
+    from dataclasses import replace
+
+    from training.distill import bench_table, benchmark, student_config
+
+    runner = _model_runner(ctx)
+    _setup_logging()
+    cfg = replace(student_config(student), eval_per_process=per_process)
+    if teacher is not None:
+        cfg = replace(cfg, teacher=teacher)
+    result = benchmark(cfg, student, runner)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    click.echo(bench_table(result))
+    click.echo(json.dumps(result["acceptance"], indent=2))
 
 
 @click.group("data")

@@ -23,8 +23,9 @@ from .cases import Generate, PhysicsCase
 
 logger = logging.getLogger(__name__)
 
-ModelGenerate = Callable[[Path, int, int, int, float], Generate]
-"""``model_generate(model_dir, size, frames, steps, guidance_scale)``: a ``generate`` from a checkpoint folder."""
+ModelGenerate = Callable[..., Generate]
+"""``model_generate(model_dir, size, frames, steps, guidance_scale, preset="exact", lora=None)``: a ``generate``
+from a checkpoint folder under an engine preset, optionally with a LoRA adapter (and the sampling it declares)."""
 
 
 @dataclass(frozen=True)
