@@ -119,7 +119,18 @@ class BodyRules:
 
 
 SMALL_BODY = BodyRules()
-"""The rules of ``/generate`` and ``/v1/videos``: 64 KiB, no files."""
+"""The rules of ``/generate`` and ``/v1/videos`` bodies without an image: 64 KiB, no files."""
+
+
+def image_body_rules(request: Request, takes_image: bool, field: str) -> BodyRules:
+    """The rules of a generation body that may carry a reference image in ``field``: room for the image when the
+    model takes one or the body is multipart (so an image sent to a text-only model is answered 400 naming
+    ``field``, not 413); else :data:`SMALL_BODY`."""
+    from .images import MAX_IMAGE_BYTES
+
+    if takes_image or request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return BodyRules(max_bytes=SMALL_BODY.max_bytes + MAX_IMAGE_BYTES * 4 // 3, upload=field)
+    return SMALL_BODY
 
 
 async def read_body(request: Request, model: type[M], rules: BodyRules = SMALL_BODY) -> tuple[M, bytes | None]:

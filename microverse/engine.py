@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import Settings
+from .images import open_reference
 from .loading import LoadedModel, activate, load_pipeline
 from .optimize import RuntimeChoice, apply_optimizations, quantization_config, resolve_device, resolve_dtype
 from .presets import Plan, PresetOptions, PromptEmbeddingCache, applied, cfg_truncation, make_plan
@@ -108,7 +109,8 @@ class DiffusersEngine:
             return kwargs
 
         generators = [torch.Generator(device="cpu").manual_seed(s.seed) for s in specs]
-        pipe = self.model.pipe
+        pipe = self.model.image_pipe if first.image is not None else self.model.pipe
+        image = {"image": open_reference(first.image)} if first.image is not None else {}
         max_len = self.model.defaults.max_sequence_length
         with self._lock, torch.inference_mode():
             self._use_adapter(first.lora, first.lora_scale)
@@ -129,6 +131,7 @@ class DiffusersEngine:
                     max_sequence_length=max_len,
                     output_type="latent",
                     callback_on_step_end=callback,
+                    **image,
                 ).frames
             t1 = time.perf_counter()
             videos = self.decode(latents)

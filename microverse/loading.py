@@ -16,6 +16,15 @@ from typing import Any, Literal
 import torch
 
 from .config import Settings
+from .families import (
+    FAMILIES,
+    Family,
+    UnknownFamilyError,
+    detect_family,
+    experts,
+    image_pipeline,
+    read_model_index,
+)
 from .lora import LoraFormatError, format_keys, to_diffusers, user_names
 
 logger = logging.getLogger(__name__)
@@ -115,6 +124,10 @@ class LoadedModel:
     """Defaults of the adapters whose file declares its own (a distilled adapter: steps, guidance, sampler)."""
     transformer_override: str | None = None
     """Full fine-tuned DiT applied, if any."""
+    family: Family = FAMILIES["wan2.1-t2v"]
+    """Model family (from ``model_index.json``)."""
+    image_pipe: object | None = None
+    """The pipeline of image-conditioned requests (``pipe`` for I2V, an I2V view of it for TI2V), if any."""
 
     def defaults_for(self, adapter: str | None) -> ModelDefaults:
         """The defaults of a request that picks ``adapter`` (the model's own when the adapter declares none)."""
@@ -236,11 +249,13 @@ def _json_entry(metadata: dict[str, str], key: str, file: Path) -> dict | None:
 
 
 def load_adapter(pipe, path: str, name: str) -> LoraFile:
-    """Load the LoRA at ``path`` into the transformer as adapter ``name`` (not activated)."""
+    """Load the LoRA at ``path`` into the transformer (both experts of Wan2.2 A14B) as adapter ``name`` (not
+    activated)."""
     lora = read_lora(path)
     check_lora_keys(pipe.transformer, lora.state_dict, str(lora.file), lora.names)
-    pipe.load_lora_into_transformer(lora.state_dict, transformer=pipe.transformer, adapter_name=name,
-                                    metadata=lora.metadata, _pipeline=pipe)
+    for transformer in experts(pipe):  # Wan2.2 A14B: the same adapter in both experts
+        pipe.load_lora_into_transformer(dict(lora.state_dict), transformer=transformer, adapter_name=name,
+                                        metadata=lora.metadata, _pipeline=pipe)
     logger.info("LoRA %s loaded (%d tensors) as %s", lora.file, len(lora.state_dict), name)
     return lora
 
@@ -300,22 +315,13 @@ def load_pipeline(
 
     ``quantization_config`` is a diffusers ``PipelineQuantizationConfig`` (see ``optimize``).
     """
-    from diffusers import WanPipeline
-
-    if settings.model:
-        source, description = settings.model, f"Wan2.1-architecture checkpoint {settings.model}"
-        local = Path(source)
-        if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-            raise CheckpointError(f"MICROVERSE_MODEL={source!r}: no such folder and not a Hugging Face id")
-    else:
-        source, description = str(embedded_model_path()), EMBEDDED_DESCRIPTION
-    try:
-        # The Wan VAE stays in float32 (numerically sensitive); the rest takes ``torch_dtype``.
-        pipe = WanPipeline.from_pretrained(
-            source, dtype={"vae": torch.float32, "default": torch_dtype}, quantization_config=quantization_config
-        )
-    except Exception as exc:
-        raise CheckpointError(f"could not load a WanPipeline from {source!r}: {exc}") from exc
+    source = model_source(settings)
+    family = checkpoint_family(source)
+    description = f"{family.title} checkpoint {source}" if settings.model else EMBEDDED_DESCRIPTION
+    pipe = load_family_pipeline(source, family, torch_dtype, quantization_config)
+    if settings.transformer and family.experts > 1:
+        raise CheckpointError(f"MICROVERSE_TRANSFORMER: {family.title} has two experts; a full fine-tune of one "
+                              "of them is not supported (use a LoRA, which loads into both)")
     transformer_override = apply_transformer(pipe, settings.transformer) if settings.transformer else None
     defaults = read_defaults(source)
     loras = [load_adapter(pipe, p, f"lora_{i}") for i, p in enumerate(settings.lora)]
@@ -330,7 +336,42 @@ def load_pipeline(
         adapters={n: str(lora.file) for n, lora in adapters.items()},
         adapter_defaults={n: defaults_from(lora.defaults, defaults, str(lora.file))
                           for n, lora in adapters.items() if lora.defaults is not None},
-        transformer_override=transformer_override,
+        transformer_override=transformer_override, family=family, image_pipe=image_pipeline(pipe, family),
     )
     activate(pipe, model)
     return model
+
+
+def model_source(settings: Settings) -> str:
+    """The checkpoint the settings name (a folder or Hugging Face id), else the embedded demo model's folder."""
+    if not settings.model:
+        return str(embedded_model_path())
+    source = settings.model
+    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise CheckpointError(f"MICROVERSE_MODEL={source!r}: no such folder and not a Hugging Face id")
+    return source
+
+
+def load_family_pipeline(source: str, family: Family, torch_dtype: torch.dtype, quantization_config=None):
+    """The diffusers pipeline of ``family`` from ``source``; the Wan VAE stays in float32 (numerically sensitive),
+    the rest takes ``torch_dtype``."""
+    import diffusers
+
+    try:
+        return getattr(diffusers, family.pipeline).from_pretrained(
+            source, dtype={"vae": torch.float32, "default": torch_dtype}, quantization_config=quantization_config
+        )
+    except Exception as exc:
+        raise CheckpointError(f"could not load a {family.pipeline} from {source!r}: {exc}") from exc
+
+
+def checkpoint_family(source: str) -> Family:
+    """The :class:`~microverse.families.Family` of a checkpoint; :class:`CheckpointError` when its
+    ``model_index.json`` is missing or names no Wan family."""
+    try:
+        family = detect_family(read_model_index(source))
+    except UnknownFamilyError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    except Exception as exc:  # missing or unreadable model_index.json, hub errors
+        raise CheckpointError(f"could not read model_index.json of {source!r}: {exc}") from exc
+    return family

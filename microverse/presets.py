@@ -30,6 +30,7 @@ from typing import get_args
 import torch
 
 from .config import Preset, Settings
+from .families import experts
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +126,19 @@ def scheduler_for(plan: Plan, scheduler):
 def applied(pipe, plan: Plan) -> Iterator[None]:
     """Swap the scheduler and register the step-cache hooks of ``plan`` for one call; undo after."""
     scheduler = pipe.scheduler
-    cached = False
+    cached = []
     try:
         pipe.scheduler = scheduler_for(plan, scheduler)
         if plan.cache_threshold > 0:
             from diffusers import FirstBlockCacheConfig
 
-            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=plan.cache_threshold))
-            cached = True
+            for transformer in experts(pipe):  # each Wan2.2 A14B expert caches its own steps
+                transformer.enable_cache(FirstBlockCacheConfig(threshold=plan.cache_threshold))
+                cached.append(transformer)
         yield
     finally:
-        if cached:
-            pipe.transformer.disable_cache()
+        for transformer in cached:
+            transformer.disable_cache()
         pipe.scheduler = scheduler
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import printable
 from .jobs import Job
@@ -19,6 +19,14 @@ from .schemas import GenerateRequest, InputError, Text, check_fps
 logger = logging.getLogger(__name__)
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ImageReference(BaseModel):
+    """OpenAI's image reference object (``image_url`` only: this server stores no files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: Text = Field(description="A base64 data URL of the image (remote URLs are not fetched).")
 
 
 class VideoCreateBody(BaseModel):
@@ -39,6 +47,24 @@ class VideoCreateBody(BaseModel):
     fps: int | None = None
     lora: Text | None = Field(None, description="Named adapter (also chosen by naming it as the model).")
     lora_scale: float | None = Field(None, allow_inf_nan=False, description="Strength of the adapter, 0-4 (1).")
+    input_reference: Text | ImageReference | None = Field(
+        None, description="Reference image of an image-conditioned model: a file (multipart, as the openai client "
+                          "uploads it), a data URL, or {\"image_url\": data URL}.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_form_keys(cls, data: Any) -> Any:
+        """Multipart flattens ``input_reference={"image_url": ...}`` to ``input_reference[image_url]``."""
+        if isinstance(data, dict) and any(k.startswith("input_reference[") for k in data):
+            data = dict(data)
+            data["input_reference"] = {k[len("input_reference["):-1]: data.pop(k) for k in list(data)
+                                       if k.startswith("input_reference[") and k.endswith("]")}
+        return data
+
+    def reference_data_url(self) -> str | None:
+        """The data URL of a JSON ``input_reference``, if the body has one."""
+        ref = self.input_reference
+        return ref.image_url if isinstance(ref, ImageReference) else ref
 
 
 class VideoError(BaseModel):

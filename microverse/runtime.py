@@ -151,14 +151,15 @@ class Runtime:
         m, c = self.engine.model, self.engine.choice
         tcfg = m.pipe.transformer.config
         out.update({
-            "model": {"name": m.name, "source": m.source, "description": m.description, "loras": m.loras,
+            "model": {"name": m.name, "source": m.source, "description": m.description, "family": m.family.name,
+                      "inputs": list(m.family.inputs), "loras": m.loras,
                       "lora_scale": s.lora_scale if m.loras else None, "transformer_override": m.transformer_override,
                       "adapters": m.adapters},
             "adapter_switches": {"count": self.engine.adapter_switches,
                                  "mean_ms": round(1000 * self.engine.adapter_switch_seconds
                                                   / max(1, self.engine.adapter_switches), 3)},
             "architecture": {
-                "family": "Wan2.1 text-to-video (WanTransformer3DModel + AutoencoderKLWan + UMT5)",
+                "family": m.family.title, "experts": m.family.experts,
                 "num_layers": tcfg.num_layers, "num_attention_heads": tcfg.num_attention_heads,
                 "attention_head_dim": tcfg.attention_head_dim,
                 "hidden_size": tcfg.num_attention_heads * tcfg.attention_head_dim,

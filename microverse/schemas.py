@@ -81,6 +81,8 @@ class GenerateRequest(BaseModel):
     preset: Preset | None = Field(None, description="Speed preset (exact, fast or distilled); omitted: the server's.")
     lora: Text | None = Field(None, description="Named adapter to apply (GET /v1/models lists them); omitted: none.")
     lora_scale: float | None = Field(None, allow_inf_nan=False, description="Strength of that adapter, 0-4 (1).")
+    image: Text | None = Field(None, description="Reference image of an image-conditioned model (I2V, TI2V): a data "
+                                                 "URL or base64 (or a multipart file field 'image').")
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,16 @@ class GenerationSpec:
     """Sampler the model or adapter declares (``unipc`` or ``euler``); None: the pipeline's own."""
     flow_shift: float | None = None
     """Timestep shift the model or adapter declares; None: the scheduler's own."""
+    image: str | None = None
+    """Stored reference image (``microverse.images``: fitted to the size, content-addressed PNG); None: text only."""
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one engine call (one adapter and sampler per call)."""
+        """Requests with equal keys can share one engine call (one adapter, sampler and reference image per call:
+        diffusers' I2V pipeline conditions a whole batch on one image)."""
         return (self.negative_prompt, self.height, self.width, self.num_frames, self.num_inference_steps,
-                self.guidance_scale, self.preset, self.lora, self.lora_scale, self.scheduler, self.flow_shift)
+                self.guidance_scale, self.preset, self.lora, self.lora_scale, self.scheduler, self.flow_shift,
+                self.image)
 
     @property
     def seconds(self) -> float:

@@ -62,15 +62,20 @@ def build_text_encoder(vocab_size: int, dim: int, layers: int):
 
 
 def build_transformer(z_dim: int, text_dim: int, freq_dim: int, ffn_dim: int, num_layers: int, num_heads: int,
-                      head_dim: int):
-    """A small ``WanTransformer3DModel`` (Wan2.1's layout, random weights from the current torch seed)."""
+                      head_dim: int, in_channels: int | None = None, image_dim: int | None = None):
+    """A small ``WanTransformer3DModel`` (Wan2.1's layout, random weights from the current torch seed).
+
+    ``in_channels`` (default ``z_dim``): latent plus conditioning channels (Wan2.1 I2V: ``2 z_dim + 4``);
+    ``image_dim``: width of the CLIP image embeddings its cross-attention also reads (Wan2.1 I2V), or None."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=num_heads,
         attention_head_dim=head_dim,
-        in_channels=z_dim,
+        in_channels=in_channels or z_dim,
+        image_dim=image_dim,
+        added_kv_proj_dim=num_heads * head_dim if image_dim else None,
         out_channels=z_dim,
         text_dim=text_dim,
         freq_dim=freq_dim,

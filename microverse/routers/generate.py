@@ -7,9 +7,11 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from ..deps import EngineRuntimeDep, OwnerDep, read_body
+from ..deps import EngineRuntimeDep, OwnerDep, image_body_rules, read_body
 from ..errors import APIError, json_body_spec
+from ..images import attach_reference, decode_base64
 from ..jobs import Job
 from ..runtime import Runtime
 from ..schemas import GenerateRequest, GenerationSpec, InputError, resolve
@@ -24,9 +26,15 @@ router = APIRouter()
              responses={200: {"content": {"video/mp4": {}}, "description": "The video (H.264 mp4)."}})
 async def generate(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> Response:
     """Generate one video synchronously; returns ``video/mp4`` with X-Seed and timing headers."""
-    req, _ = await read_body(request, GenerateRequest)
+    req, upload = await read_body(request, GenerateRequest, image_body_rules(
+        request, rt.engine.model.family.image != "none", "image"))
     try:
+        if upload is not None and req.image is not None:
+            raise InputError("image", "send the image once: as a file field or as base64, not both")
+        image = upload if upload is not None else decode_base64(req.image, "image") if req.image else None
         spec = resolve(req, rt.engine.model.defaults_for(req.lora), rt.limits)
+        spec = await run_in_threadpool(attach_reference, spec, rt.engine.model.family, image, "image",
+                                       rt.settings.storage_dir)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     done = await wait_for_video(rt, submit(rt, spec, "sync", owner))

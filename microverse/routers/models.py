@@ -17,11 +17,13 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/models", response_model=None)
 async def list_models(rt: EngineRuntimeDep) -> dict[str, Any]:
-    """The base model, then one entry per adapter (``MICROVERSE_LORAS``)."""
+    """The base model, then one entry per adapter (``MICROVERSE_LORAS``), each with the model's family and the
+    inputs it takes."""
     model = rt.engine.model
     created = int(rt.started_at)
+    family = {"family": model.family.name, "inputs": list(model.family.inputs)}
     base = {"id": model.name, "object": "model", "created": created, "owned_by": "microverse", "root": model.name,
-            "parent": None}
+            "parent": None, **family}
     adapters = [{"id": name, "object": "model", "created": created, "owned_by": "microverse", "root": name,
-                 "parent": model.name} for name in model.adapters]
+                 "parent": model.name, **family} for name in model.adapters]
     return {"object": "list", "data": [base, *adapters]}

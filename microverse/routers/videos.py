@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from ..deps import EngineRuntimeDep, OwnerDep, RuntimeDep, read_body
+from ..deps import EngineRuntimeDep, OwnerDep, RuntimeDep, image_body_rules, read_body
 from ..errors import APIError, json_body_spec
+from ..images import attach_reference, decode_base64
 from ..jobs import JOB_ID_RE, Job
 from ..protocol import VideoCreateBody, VideoObject, to_generate_request, to_video_object
 from ..runtime import Runtime
@@ -35,7 +37,8 @@ def job_or_404(rt: Runtime, job_id: str, owner: str | None) -> Job:
 
 @router.post("/videos", response_model=VideoObject, openapi_extra=json_body_spec(VideoCreateBody))
 async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> VideoObject:
-    body, _ = await read_body(request, VideoCreateBody)
+    body, upload = await read_body(request, VideoCreateBody, image_body_rules(
+        request, rt.engine.model.family.image != "none", "input_reference"))
     model = rt.engine.model
     if body.model is not None and body.model not in (model.name, "microverse", *model.adapters):
         served = ", ".join([model.name, *model.adapters])
@@ -48,6 +51,12 @@ async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) 
     try:
         req = to_generate_request(body, model.defaults_for(body.lora or adapter).fps, rt.settings.max_frames, adapter)
         spec = resolve(req, model.defaults_for(req.lora), rt.limits)
+        url = body.reference_data_url()
+        if upload is not None and url is not None:
+            raise InputError("input_reference", "send input_reference once: as a file or as a data URL, not both")
+        image = upload if upload is not None else decode_base64(url, "input_reference") if url else None
+        spec = await run_in_threadpool(attach_reference, spec, model.family, image, "input_reference",
+                                       rt.settings.storage_dir)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     return to_video_object(submit(rt, spec, "api", owner))
