@@ -140,6 +140,9 @@ def eval_group() -> None:
     "--gen-concurrency", type=click.IntRange(1), default=4, show_default=True, help="Generation jobs queued at once."
 )
 @click.option("--gen-seed", type=int, default=0, show_default=True, help="Base generation seed (task i uses seed + i).")
+@click.option("--reference-images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of per-task reference images (<task index>.png/.jpg/.webp) sent as input_reference, "
+                   "for image-conditioned models (the benchmark itself is text-only).")
 @click.option(
     "--agreement-tasks", type=int, default=0, show_default=True, help="Judge this many tasks repeatedly for agreement."
 )
@@ -178,6 +181,7 @@ def run_command(**kw: Any) -> None:
             negative_prompt=kw["negative_prompt"],
             seed=kw["gen_seed"],
             max_in_flight=kw["gen_concurrency"],
+            reference_images=kw["reference_images"],
         )
     result = _run_eval(
         bench,

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mimetypes
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,10 @@ from .microworldbench import DIMENSIONS, Anomaly, Benchmark, Task, select_tasks
 from .scoring import SCORINGS, Agreement, Summary, TaskScore, agreement, summarize, task_scorer
 
 logger = logging.getLogger(__name__)
+
+
+REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""File endings of per-task reference images."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,17 @@ class GenerationConfig:
     """Give up on one video after this long."""
     max_in_flight: int = 4
     """Jobs queued at the endpoint at once."""
+    reference_images: Path | None = None
+    """Folder of per-task reference images named by task index (``12.png``, ``.jpg``, ``.jpeg`` or ``.webp``): a
+    task with one is sent with it as ``input_reference`` (image-conditioned models); the upstream benchmark is
+    text-only, so None (the default) sends none."""
+
+    def reference_for(self, task: Task) -> Path | None:
+        """The reference image of ``task`` in :attr:`reference_images`, if there is one."""
+        if self.reference_images is None:
+            return None
+        return next((p for ext in REFERENCE_SUFFIXES if (p := self.reference_images / f"{task.index}{ext}").is_file()),
+                    None)
 
     def base_url(self) -> str:
         """The OpenAI base URL."""
@@ -124,6 +140,9 @@ def _start_job(
         for k, v in {"model": config.model, "size": config.size, "seconds": config.seconds}.items()
         if v is not None
     }
+    reference = config.reference_for(task)
+    if reference is not None:
+        options["input_reference"] = (reference.name, reference.read_bytes(), mimetypes.guess_type(reference.name)[0])
     job = client.videos.create(prompt=task.task, extra_body=body, **options)
     cache.set_job_id(task.index, job.id)
     return job.id

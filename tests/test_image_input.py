@@ -110,6 +110,24 @@ def test_ti2v_fixes_the_first_frame_to_the_reference_through_the_vae(image_model
     assert not np.array_equal(text_only[0], video[0])
 
 
+def test_i2v_batches_requests_that_share_a_reference_and_keeps_different_ones_apart(image_models, tmp_path):
+    from microverse.images import store_reference
+
+    engine = DiffusersEngine.from_settings(Settings(model=str(image_models["wan2.1-i2v"])))
+    ref = store_reference(fit(load_reference(cell_png(), "image"), 64, 64), tmp_path)
+    other = store_reference(fit(load_reference(cell_png(80, 80), "image"), 64, 64), tmp_path)
+    spec = GenerationSpec(prompt=PROMPT, negative_prompt="", height=64, width=64, num_frames=5, num_inference_steps=2,
+                          guidance_scale=5.0, seed=0, fps=8, image=ref)  # fmt: skip
+    second = GenerationSpec(**{**spec.__dict__, "seed": 1})
+    out = engine.generate([spec, second])
+    assert len(out.videos) == 2 and not np.array_equal(out.videos[0], out.videos[1])
+    alone = engine.generate([second]).videos[0]
+    assert np.abs(alone.astype(int) - out.videos[1].astype(int)).mean() < 0.05
+    assert ref != other and spec.batch_key != GenerationSpec(**{**spec.__dict__, "image": other}).batch_key
+    with pytest.raises(ValueError, match="incompatible specs"):
+        engine.generate([spec, GenerationSpec(**{**spec.__dict__, "image": other})])
+
+
 def test_the_openai_client_animates_a_reference_on_i2v_and_ti2v(start_server, image_models, tmp_path):
     png = tmp_path / "cell.png"
     png.write_bytes(cell_png())
@@ -139,7 +157,7 @@ def test_the_openai_client_animates_a_reference_on_i2v_and_ti2v(start_server, im
                                files={"image": ("x.png", bad, "image/png")}, timeout=30)
                 assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
             r = httpx.post(server.url + "/generate", data={"prompt": PROMPT},
-                           files={"image": ("big.png", b"\0" * (30 << 20), "image/png")}, timeout=60)
+                           files={"image": ("big.png", b"\0" * (50 << 20), "image/png")}, timeout=60)
             assert r.status_code in (400, 413) and r.json()["error"]["param"] == "image", r.text[:300]
             assert httpx.get(server.url + "/livez", timeout=10).status_code == 200
 
@@ -175,3 +193,26 @@ def test_kill_9_during_an_image_job_then_restart_completes_it_from_the_stored_im
     assert v.status == "completed", v
     frames, _ = read_video(client.videos.download_content(video.id).read())
     assert frames.shape == (33, 128, 128, 3)
+
+
+def test_eval_run_sends_per_task_reference_images_to_an_image_conditioned_endpoint(
+    start_server, image_models, bench_dir, tmp_path
+):
+    """``--reference-images``: a task with ``<index>.png`` goes out with it as input_reference, one without stays text
+    only (the TI2V endpoint takes both); each stored reference is one the endpoint fitted."""
+    from evaluation.cache import JudgementCache
+    from evaluation.microworldbench import load_benchmark
+    from evaluation.runner import GenerationConfig, generate_videos
+
+    server = start_server(MICROVERSE_MODEL=str(image_models["wan2.2-ti2v"]), MICROVERSE_STORAGE_DIR=tmp_path / "st")
+    tasks = list(load_benchmark(bench_dir).tasks.values())[:2]
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / f"{tasks[0].index}.png").write_bytes(cell_png())
+    config = GenerationConfig(endpoint=server.url, size="64x64", num_frames=5, num_inference_steps=2,
+                              poll_interval_s=0.2, reference_images=refs)  # fmt: skip
+    assert config.reference_for(tasks[0]) == refs / f"{tasks[0].index}.png" and config.reference_for(tasks[1]) is None
+    videos = generate_videos(tasks, config, tmp_path / "videos", JudgementCache(tmp_path / "cache.sqlite"))
+    assert sorted(videos) == sorted(t.index for t in tasks)
+    stored = list((tmp_path / "st" / "inputs").glob("*.png"))
+    assert len(stored) == 1 and Image.open(stored[0]).size == (64, 64)

@@ -37,31 +37,46 @@ def adapter_file(tiny_model_dir, tmp_path) -> str:
 @pytest.fixture
 def ui_service(make_settings, monkeypatch, bench_dir, adapter_file):
     """The service app with the playground router and a (fake) judge, served by uvicorn on loopback."""
-    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
-        pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
-    from microverse.api import create_app
-    from microverse.runtime import Runtime
     with FakeJudgeServer() as judge:
         monkeypatch.setenv("MICROVERSE_JUDGE_BASE_URL", judge.base_url)
         monkeypatch.setenv("MICROVERSE_JUDGE_MODEL", "fake-judge")
         monkeypatch.setenv("MICROVERSE_JUDGE_API_KEY", "test")
         monkeypatch.setenv("MICROVERSE_BENCHMARK", str(bench_dir))
-        app = create_app()
-        app.state.runtime = Runtime.start(make_settings(loras={"cells": adapter_file}))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            app.state.runtime.stop()
+        yield from serve_app(make_settings(loras={"cells": adapter_file}))
+
+
+@pytest.fixture
+def ui_i2v_service(make_settings, tmp_path):
+    """The playground on a tiny Wan2.1 I2V checkpoint (no key, no judge)."""
+    from microverse.tools.tiny import TinyWanConfig, save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "tiny-i2v", TinyWanConfig(family="wan2.1-i2v"))
+    yield from serve_app(make_settings(model=str(folder)))
+
+
+def serve_app(settings):
+    """Serve the app with a runtime of ``settings`` by uvicorn on loopback; yields its URL."""
+    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
+        pytest.skip("chromium not found at /usr/bin/chromium; apt-get install chromium")
+    from microverse.api import create_app
+    from microverse.runtime import Runtime
+
+    app = create_app()
+    app.state.runtime = Runtime.start(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.runtime.stop()
 
 
 def test_ui_page_is_self_contained(make_client):
@@ -135,3 +150,31 @@ def test_ui_generates_plays_and_judges(ui_service, tmp_path):
         page.screenshot(path=str(shot))
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_ui_uploads_a_reference_image_to_an_image_to_video_model(ui_i2v_service, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_image_input import cell_png
+
+    png = tmp_path / "cell.png"
+    png.write_bytes(cell_png())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.goto(ui_i2v_service + "/ui")
+        page.wait_for_function("!document.getElementById('image-row').classList.contains('hidden')")
+        assert page.text_content("#image-need") == "(required)"
+        page.fill("#prompt", "this cell divides")
+        for selector, value in (("#width", "64"), ("#height", "64"), ("#frames", "5"), ("#steps", "2")):
+            page.fill(selector, value)
+        page.set_input_files("#reference", str(png))
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').dataset.status === 'completed'", timeout=120_000)
+        assert not page.text_content("#error") and not console_errors, console_errors
+        browser.close()
+    jobs = httpx.get(ui_i2v_service + "/v1/videos?limit=1").json()["data"]
+    assert jobs[0]["status"] == "completed" and jobs[0]["num_frames"] == 5

@@ -21,7 +21,7 @@ async def list_models(rt: EngineRuntimeDep) -> dict[str, Any]:
     inputs it takes."""
     model = rt.engine.model
     created = int(rt.started_at)
-    family = {"family": model.family.name, "inputs": list(model.family.inputs)}
+    family = {"family": model.family.name, "inputs": list(model.family.inputs), "image_input": model.family.image}
     base = {"id": model.name, "object": "model", "created": created, "owned_by": "microverse", "root": model.name,
             "parent": None, **family}
     adapters = [{"id": name, "object": "model", "created": created, "owned_by": "microverse", "root": name,
