@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     ``name=path,name=path`` (names: letters, digits, ``._-``). All stay loaded; switching never reloads the base."""
     transformer: str | None = None
     """Full fine-tuned DiT replacing the base one: a diffusers transformer folder or one safetensors file in
-    original Wan keys."""
+    original Wan keys (Wan2.2 A14B: the high-noise expert)."""
+    transformer_2: str | None = None
+    """Wan2.2 A14B only: full fine-tune of the low-noise expert (``transformer_2``), in the same forms."""
     model_name: str | None = None
     """Name reported in ``/info`` and in OpenAI ``model`` fields; defaults to the source's name."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -142,7 +144,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not lora_<n>)")
         return {k.strip(): str(p).strip() for k, p in (v or {}).items()}
 
-    @field_validator("model", "transformer", "model_name", "api_key", mode="before")
+    @field_validator("model", "transformer", "transformer_2", "model_name", "api_key", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

@@ -124,6 +124,8 @@ class LoadedModel:
     """Defaults of the adapters whose file declares its own (a distilled adapter: steps, guidance, sampler)."""
     transformer_override: str | None = None
     """Full fine-tuned DiT applied, if any."""
+    transformer_2_override: str | None = None
+    """Full fine-tune of Wan2.2 A14B's low-noise expert applied, if any."""
     family: Family = FAMILIES["wan2.1-t2v"]
     """Model family (from ``model_index.json``)."""
     image_pipe: object | None = None
@@ -275,19 +277,20 @@ def activate(pipe, model: LoadedModel, adapter: str | None = None, scale: float 
         pipe.disable_lora()
 
 
-def apply_transformer(pipe, source: str) -> str:
-    """Replace the pipeline's DiT with a full fine-tune: a diffusers folder or original-Wan safetensors."""
+def apply_transformer(pipe, source: str, expert: str = "transformer") -> str:
+    """Replace the pipeline's DiT ``expert`` (``transformer``, or Wan2.2 A14B's low-noise ``transformer_2``) with a
+    full fine-tune: a diffusers folder or original-Wan safetensors."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = Path(source)
-    base = pipe.transformer
+    base = getattr(pipe, expert)
     if path.is_dir() and (path / "config.json").is_file():
         new = WanTransformer3DModel.from_pretrained(str(path), dtype=base.dtype)
         if dict(new.config) != dict(base.config):
             diff = sorted(k for k in base.config if new.config.get(k) != base.config.get(k))
-            logger.warning("fine-tuned transformer config differs from base in %s", diff)
-        pipe.transformer = new
+            logger.warning("fine-tuned %s config differs from base in %s", expert, diff)
+        setattr(pipe, expert, new)
         return str(path)
     sd, file = _read_safetensors(path)
     converted = convert_wan_transformer_to_diffusers(dict(sd))
@@ -319,10 +322,12 @@ def load_pipeline(
     family = checkpoint_family(source)
     description = f"{family.title} checkpoint {source}" if settings.model else EMBEDDED_DESCRIPTION
     pipe = load_family_pipeline(source, family, torch_dtype, quantization_config)
-    if settings.transformer and family.experts > 1:
-        raise CheckpointError(f"MICROVERSE_TRANSFORMER: {family.title} has two experts; a full fine-tune of one "
-                              "of them is not supported (use a LoRA, which loads into both)")
+    if settings.transformer_2 and family.experts == 1:
+        raise CheckpointError(f"MICROVERSE_TRANSFORMER_2: {family.title} has one transformer; the low-noise expert "
+                              "exists only in Wan2.2 A14B checkpoints")
     transformer_override = apply_transformer(pipe, settings.transformer) if settings.transformer else None
+    transformer_2_override = (apply_transformer(pipe, settings.transformer_2, "transformer_2")
+                              if settings.transformer_2 else None)
     defaults = read_defaults(source)
     loras = [load_adapter(pipe, p, f"lora_{i}") for i, p in enumerate(settings.lora)]
     for lora in loras:  # an always-on LoRA that declares its sampling (a distillation LoRA) sets the model's
@@ -336,7 +341,8 @@ def load_pipeline(
         adapters={n: str(lora.file) for n, lora in adapters.items()},
         adapter_defaults={n: defaults_from(lora.defaults, defaults, str(lora.file))
                           for n, lora in adapters.items() if lora.defaults is not None},
-        transformer_override=transformer_override, family=family, image_pipe=image_pipeline(pipe, family),
+        transformer_override=transformer_override, transformer_2_override=transformer_2_override, family=family,
+        image_pipe=image_pipeline(pipe, family),
     )
     activate(pipe, model)
     return model

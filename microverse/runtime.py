@@ -154,6 +154,7 @@ class Runtime:
             "model": {"name": m.name, "source": m.source, "description": m.description, "family": m.family.name,
                       "inputs": list(m.family.inputs), "loras": m.loras,
                       "lora_scale": s.lora_scale if m.loras else None, "transformer_override": m.transformer_override,
+                      "transformer_2_override": m.transformer_2_override,
                       "adapters": m.adapters},
             "adapter_switches": {"count": self.engine.adapter_switches,
                                  "mean_ms": round(1000 * self.engine.adapter_switch_seconds

@@ -113,3 +113,25 @@ def test_the_service_names_the_family_in_info_and_models(start_server, family_mo
     assert models[0]["family"] == "wan2.2-t2v-a14b" and models[0]["inputs"] == ["text"]
     r = httpx.post(server.url + "/generate", json={"prompt": "a cell divides", "num_frames": 9, "seed": 2}, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+
+
+def test_each_a14b_expert_takes_its_own_full_fine_tune(family_models, tmp_path, tiny_model_dir):
+    from diffusers import WanTransformer3DModel
+
+    folder = family_models["wan2.2-t2v-a14b"]
+    tuned = {}
+    for expert, seed in (("transformer", 5), ("transformer_2", 6)):
+        model = WanTransformer3DModel.from_pretrained(folder / expert)
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / expert)
+        tuned[expert] = model
+    engine = DiffusersEngine.from_settings(Settings(model=str(folder), transformer=str(tmp_path / "transformer"),
+                                                    transformer_2=str(tmp_path / "transformer_2")))  # fmt: skip
+    for expert, model in tuned.items():
+        loaded = getattr(engine.model.pipe, expert).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items()), expert
+    assert engine.model.transformer_2_override == str(tmp_path / "transformer_2")
+    with pytest.raises(CheckpointError, match="MICROVERSE_TRANSFORMER_2"):
+        load_pipeline(Settings(model=str(tiny_model_dir), transformer_2=str(tmp_path / "transformer_2")))
