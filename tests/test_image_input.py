@@ -110,6 +110,20 @@ def test_ti2v_fixes_the_first_frame_to_the_reference_through_the_vae(image_model
     assert not np.array_equal(text_only[0], video[0])
 
 
+@pytest.mark.parametrize("family", ["wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b"])
+def test_each_image_family_loads_and_generates_a_batch_from_one_reference(family, tmp_path):
+    from microverse.images import store_reference
+
+    folder = save_tiny_pipeline(tmp_path / family, TinyWanConfig(family=family))
+    engine = DiffusersEngine.from_settings(Settings(model=str(folder)))
+    assert engine.model.family.name == family and engine.model.image_pipe is not None
+    ref = store_reference(fit(load_reference(cell_png(), "image"), 64, 64), tmp_path)
+    specs = [GenerationSpec(prompt=PROMPT, negative_prompt="", height=64, width=64, num_frames=5, num_inference_steps=2,
+                            guidance_scale=5.0, seed=seed, fps=8, image=ref) for seed in (0, 1)]  # fmt: skip
+    videos = engine.generate(specs).videos
+    assert [v.shape for v in videos] == [(5, 64, 64, 3)] * 2 and not np.array_equal(videos[0], videos[1])
+
+
 def test_i2v_batches_requests_that_share_a_reference_and_keeps_different_ones_apart(image_models, tmp_path):
     from microverse.images import store_reference
 
