@@ -65,6 +65,23 @@ def test_any_mode_becomes_rgb(mode):
     assert image.mode == "RGB" and np.asarray(image).max() > 0
 
 
+def test_every_mode_the_accepted_formats_carry_becomes_rgb():
+    """Microscopy brings 16-bit and float images: every mode PIL writes in an accepted format converts, none fails."""
+    converted = 0
+    for mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16",
+                 "I;16B", "La"):  # fmt: skip
+        for fmt in ("TIFF", "PNG", "WEBP", "BMP", "JPEG"):
+            buf = io.BytesIO()
+            try:
+                Image.new(mode, (16, 12)).save(buf, format=fmt)
+            except (OSError, ValueError, KeyError):
+                continue  # PIL cannot write this mode in this format
+            image = load_reference(buf.getvalue(), "image")
+            assert image.mode == "RGB" and image.size == (16, 12), (mode, fmt)
+            converted += 1
+    assert converted >= 40, converted
+
+
 @pytest.mark.parametrize("data,message", [
     (b"", "is empty"),
     (b"definitely not an image", "not a decodable image"),
