@@ -174,3 +174,14 @@ def wait_status(client, vid, statuses, timeout=60):
             return v
         time.sleep(0.02)
     raise AssertionError(f"{vid} never reached {statuses}: {v}")
+
+
+def wait_in_progress(client, video_id: str, timeout: float = 120.0):
+    """Poll an openai client until the video is in progress with some progress (a job to kill mid-run); returns it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = client.videos.retrieve(video_id)
+        if v.status == "in_progress" and v.progress > 0:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"video {video_id} never got under way: {v.status}")

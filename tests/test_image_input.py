@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import httpx
 import numpy as np
@@ -21,6 +20,7 @@ from microverse.engine import DiffusersEngine
 from microverse.images import fit, load_reference
 from microverse.schemas import GenerationSpec, InputError
 from microverse.tools.tiny import TinyWanConfig, save_tiny_pipeline
+from tests.conftest import wait_in_progress
 
 PROMPT = "this cell divides"
 
@@ -209,13 +209,7 @@ def test_kill_9_during_an_image_job_then_restart_completes_it_from_the_stored_im
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     video = client.videos.create(prompt=PROMPT, input_reference=("cell.png", cell_png(), "image/png"), size="128x128",
                                  extra_body={"num_frames": 33, "num_inference_steps": 100, "seed": 3})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        v = client.videos.retrieve(video.id)
-        if v.status == "in_progress" and v.progress > 0:
-            break
-        time.sleep(0.02)
-    assert v.status == "in_progress"
+    wait_in_progress(client, video.id)
     server.kill9()
 
     server.start()  # same storage dir: the job is recovered and re-run from <storage>/inputs/<sha256>.png

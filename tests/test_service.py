@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from media.video import read_video
+from tests.conftest import wait_in_progress
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -122,13 +123,7 @@ def test_kill_9_during_a_job_then_restart_completes_it(start_server):
     client = client_for(server.url)
     video = client.videos.create(prompt="apoptosis", size="128x128",
                                  extra_body={"num_frames": 33, "num_inference_steps": 100, "seed": 3})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        v = client.videos.retrieve(video.id)
-        if v.status == "in_progress" and v.progress > 0:
-            break
-        time.sleep(0.02)
-    assert v.status == "in_progress"
+    wait_in_progress(client, video.id)
     server.kill9()
 
     server.start()  # same storage dir: the job is recovered and re-run
