@@ -70,6 +70,15 @@ class DataConfig:
     """Repeats per metadata value, e.g. ``{"process": {"blood_flow": 3}}``: a clip whose ``process``
     is ``blood_flow`` appears 3 times (times ``repeat``) per epoch; other clips once. Oversamples rare or
     hard classes."""
+    frame_windows: str = "head"
+    """Which frames of a clip longer than its bucket become samples: ``head`` (the first F, upstream), ``chunk``
+    (consecutive non-overlapping windows of F), ``slide`` (windows every ``window_stride`` frames) or ``uniform``
+    (``windows_per_clip`` windows spread evenly from the first frame to the last). Each window is its own sample
+    with its own cached latents, so a long recording gives several."""
+    window_stride: int | None = None
+    """``slide``: frames between window starts (default: half the bucket's frames)."""
+    windows_per_clip: int = 4
+    """``uniform``: windows per clip; ``chunk`` and ``slide``: the most windows taken from one clip."""
     caption_dropout: float = 0.1
     """Probability of training a sample on the empty prompt, which CFG needs at inference."""
     num_workers: int = 0

@@ -37,6 +37,8 @@ class Sample:
     """Cached latents and prompt embedding."""
     repeat: int = 1
     """Times per epoch this clip is drawn (before ``DataConfig.repeat``)."""
+    start: int = 0
+    """First frame of the window this sample trains on."""
 
 
 def read_metadata(dataset: str | Path) -> list[dict]:
@@ -89,33 +91,63 @@ def clip_repeat(row: dict, repeat_by: dict[str, dict[str, int]]) -> int:
     return n
 
 
+FRAME_WINDOWS = ("head", "chunk", "slide", "uniform")
+"""Ways to cut samples out of a clip longer than its bucket (``DataConfig.frame_windows``)."""
+
+
+def window_starts(n_frames: int, frames: int, mode: str = "head", stride: int | None = None,
+                  most: int = 4) -> list[int]:  # fmt: skip
+    """First frames of the ``frames``-long windows of an ``n_frames`` clip under ``mode`` (see
+    ``DataConfig.frame_windows``); ``most`` caps the windows of ``chunk``/``slide`` and sets those of ``uniform``."""
+    if mode not in FRAME_WINDOWS:
+        raise ValueError(f"data.frame_windows must be one of {', '.join(FRAME_WINDOWS)}, got {mode!r}")
+    last = n_frames - frames
+    if last < 0:
+        return []
+    if mode == "head" or last == 0:
+        return [0]
+    if mode == "uniform":
+        count = max(1, min(most, last + 1))
+        return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
+    step = frames if mode == "chunk" else (stride or max(1, frames // 2))
+    if step < 1:
+        raise ValueError(f"data.window_stride must be at least 1, got {step}")
+    return list(range(0, last + 1, step))[:most]
+
+
 def build_samples(
-    dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int, repeat_by=None
+    dataset: str | Path, buckets, cache_dir: Path, model_key: str, text_max_length: int, repeat_by=None,
+    windows: str = "head", window_stride: int | None = None, windows_per_clip: int = 4,
 ) -> list[Sample]:
-    """Samples of the dataset with buckets, cache paths and per-clip repeats (clips fitting no bucket are
-    skipped).
+    """Samples of the dataset with buckets, frame windows, cache paths and per-clip repeats (clips fitting no
+    bucket are skipped).
 
     ``model_key`` (see :func:`encoder_key`) is part of each cache file's name."""
     dataset = Path(dataset)
     samples = []
     for row in read_metadata(dataset):
         video = (dataset / row["video"]).resolve()
-        bucket = choose_bucket(*_clip_size(row, video), buckets)
+        size = _clip_size(row, video)
+        bucket = choose_bucket(*size, buckets)
         if bucket is None:
             logger.warning("skipping %s: shorter than every bucket", video)
             continue
-        key = json.dumps([str(video), video.stat().st_mtime_ns, row["prompt"], bucket, model_key, text_max_length])
-        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        samples.append(Sample(str(row.get("id") or row["video"]), video, row["prompt"], bucket,
-                              cache_dir / f"{digest}.safetensors", clip_repeat(row, repeat_by or {})))
+        clip_id = str(row.get("id") or row["video"])
+        starts = window_starts(size[0], bucket[0], windows, window_stride, windows_per_clip)
+        for start in starts:
+            key = [str(video), video.stat().st_mtime_ns, row["prompt"], bucket, model_key, text_max_length]
+            digest = hashlib.sha1(json.dumps(key + ([start] if start else [])).encode()).hexdigest()[:16]
+            samples.append(Sample(clip_id if len(starts) == 1 else f"{clip_id}#{start}", video, row["prompt"],
+                                  bucket, cache_dir / f"{digest}.safetensors", clip_repeat(row, repeat_by or {}),
+                                  start))  # fmt: skip
     return samples
 
 
 def load_clip(sample: Sample) -> torch.Tensor:
-    """The clip as ``[3, F, H, W]`` in [-1, 1] at its bucket size (first F frames)."""
+    """The sample's window of its clip as ``[3, F, H, W]`` in [-1, 1] at its bucket size."""
     frames, h, w = sample.bucket
     video, _ = read_video(sample.video)
-    video = resize_crop(video[:frames], h, w)
+    video = resize_crop(video[sample.start : sample.start + frames], h, w)
     return torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 

@@ -128,6 +128,9 @@ class Trainer:
             self.encoder_key,
             cfg.model.text_max_length,
             cfg.data.repeat_by,
+            cfg.data.frame_windows,
+            cfg.data.window_stride,
+            cfg.data.windows_per_clip,
         )
         if not self.samples:
             raise ValueError(f"no usable clips in {cfg.data.dataset}")
