@@ -97,9 +97,22 @@ class ObjectiveConfig:
     """Mean of the normal under the sigmoid for ``logit_normal``."""
     logit_std: float = 1.0
     """Std of the normal under the sigmoid for ``logit_normal``."""
-    loss_weighting: str = "bell"
+    loss_weighting: str = "auto"
     """``bell``: upstream's Gaussian-in-timestep weights exp(-2 (t/1000 - 0.5)^2), shifted to 0 at the
-    minimum and normalised to mean 1 over the schedule; ``none``: plain MSE."""
+    minimum and normalised to mean 1 over the schedule; ``none``: plain MSE; ``auto``: ``bell`` under
+    ``uniform`` sampling (upstream), ``none`` under ``logit_normal``, which already favours the middle noise
+    levels (bell on top would count them twice)."""
+    timestep_range: tuple[float, float] = (0.0, 1.0)
+    """Noise levels (sigma, 1 = pure noise) samples are trained at, e.g. ``(0.875, 1.0)`` for the high-noise expert
+    of Wan2.2 A14B (boundary 0.875) and ``(0.0, 0.875)`` for the low-noise one. ``uniform`` draws among the
+    schedule's sigmas in the range; ``logit_normal`` is rescaled into it."""
+
+    @property
+    def weighting(self) -> str:
+        """``loss_weighting`` with ``auto`` resolved."""
+        if self.loss_weighting != "auto":
+            return self.loss_weighting
+        return "none" if self.timestep_sampling == "logit_normal" else "bell"
 
 
 @dataclass

@@ -31,6 +31,12 @@ class FlowMatchObjective:
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
         self.schedule = shift_sigmas(torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], cfg.flow_shift)
+        lo, hi = cfg.timestep_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"objective.timestep_range must satisfy 0 <= low < high <= 1, got {cfg.timestep_range}")
+        self._in_range = self.schedule[(self.schedule >= lo) & (self.schedule <= hi)]
+        if len(self._in_range) == 0:
+            raise ValueError(f"objective.timestep_range {cfg.timestep_range} holds none of the training sigmas")
         bell = self._bell(self.schedule)
         self._bell_min, self._bell_norm = bell.min(), (bell - bell.min()).mean()
 
@@ -39,19 +45,21 @@ class FlowMatchObjective:
         return torch.exp(-2 * (sigmas - 0.5) ** 2)
 
     def sample_sigmas(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample sigmas in (0, 1] (timestep = 1000 sigma)."""
+        """Per-sample sigmas in (0, 1] (timestep = 1000 sigma) within ``timestep_range``."""
+        lo, hi = self.cfg.timestep_range
         if self.cfg.timestep_sampling == "uniform":
-            return self.schedule[torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)]
+            return self._in_range[torch.randint(0, len(self._in_range), (batch,), generator=generator)]
         if self.cfg.timestep_sampling == "logit_normal":
             u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(batch, generator=generator))
-            return shift_sigmas(u, self.cfg.flow_shift)
+            sigmas = shift_sigmas(u, self.cfg.flow_shift)
+            return sigmas if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * sigmas
         raise ValueError(f"unknown timestep_sampling {self.cfg.timestep_sampling!r}")
 
     def weights(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (mean 1 over the training schedule for ``bell``)."""
-        if self.cfg.loss_weighting == "none":
+        if self.cfg.weighting == "none":
             return torch.ones_like(sigmas)
-        if self.cfg.loss_weighting == "bell":
+        if self.cfg.weighting == "bell":
             return (self._bell(sigmas) - self._bell_min) / self._bell_norm
         raise ValueError(f"unknown loss_weighting {self.cfg.loss_weighting!r}")
 

@@ -33,7 +33,7 @@ def test_upstream_defaults():
     cfg = load_config("lora-1.3b")
     assert cfg.model.lora_rank == 32 and cfg.optim.lr == 1e-4 and cfg.objective.flow_shift == 5.0
     assert set(cfg.model.lora_targets) == {"to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"}
-    assert cfg.data.caption_dropout == 0.1 and cfg.objective.loss_weighting == "bell"
+    assert cfg.data.caption_dropout == 0.1 and cfg.objective.weighting == "bell"
     assert load_config("full-1.3b").optim.lr == 1e-5
 
 
@@ -124,3 +124,30 @@ def test_warmup_stable_decay_schedule():
         build_lr_scheduler(OptimConfig(schedule="warmup_stable_decay", warmup_steps=4, decay_steps=17), opt(), 20)
     with pytest.raises(ValueError, match="decay_steps"):
         build_lr_scheduler(OptimConfig(schedule="warmup_stable_decay"), opt(), 20)
+
+
+def test_weighting_is_bell_under_uniform_and_none_under_logit_normal_unless_asked():
+    from training.config import ObjectiveConfig
+
+    assert ObjectiveConfig().weighting == "bell"
+    assert ObjectiveConfig(timestep_sampling="logit_normal").weighting == "none"
+    assert ObjectiveConfig(timestep_sampling="logit_normal", loss_weighting="bell").weighting == "bell"
+    sigmas = torch.linspace(0.05, 1, 7)
+    assert torch.equal(FlowMatchObjective(ObjectiveConfig(timestep_sampling="logit_normal")).weights(sigmas),
+                       torch.ones(7))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_timestep_range_keeps_every_sigma_inside_and_the_default_changes_nothing(sampling):
+    from training.config import ObjectiveConfig
+
+    high = FlowMatchObjective(ObjectiveConfig(timestep_sampling=sampling, timestep_range=(0.875, 1.0)))
+    s = high.sample_sigmas(4000, torch.Generator().manual_seed(0))
+    assert s.min() >= 0.875 and s.max() <= 1.0 and s.std() > 0.01
+    plain = FlowMatchObjective(ObjectiveConfig(timestep_sampling=sampling))
+    if sampling == "uniform":  # the default range draws exactly as before ranges existed
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        before = plain.schedule[torch.randint(0, 1000, (64,), generator=g2)]
+        assert torch.equal(plain.sample_sigmas(64, g1), before)
+    with pytest.raises(ValueError, match="timestep_range"):
+        FlowMatchObjective(ObjectiveConfig(timestep_range=(0.9, 0.1)))
