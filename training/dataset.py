@@ -233,9 +233,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """Deterministic, resumable batches of same-bucket samples, sharded over processes.
 
     Epoch ``e`` is a seeded shuffle (seed, e) of the repeated dataset, grouped by bucket into
-    batches, shuffled again, and split round-robin across ranks (every rank gets the same number
-    of batches). Each item carries its caption-dropout decision, so data order and dropout resume
-    exactly from ``(epoch, position)`` (see :meth:`set_position`).
+    batches, shuffled again: one global sequence of batches, whatever the number of processes. From the
+    position on, the batches are dealt round-robin to the ranks (every rank gets the same number). The position
+    counts the *global* batches consumed, so a run resumes exactly from ``(epoch, position)`` on the same number
+    of processes, and continues the same global sequence on another number (see :meth:`set_position`). Each item
+    carries its caption-dropout decision.
     """
 
     def __init__(self, samples, batch_size, seed, rank, world_size, repeat=1, caption_dropout=0.0):
@@ -245,7 +247,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.repeat, self.caption_dropout = repeat, caption_dropout
         self.epoch, self.position = 0, 0
 
-    def batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
+    def batches(self, epoch: int, position: int = 0) -> list[list[tuple[int, bool]]]:
+        """This rank's batches of ``epoch`` from global batch ``position`` on."""
         rng = random.Random(f"{self.seed}-{epoch}")
         order = [i for _ in range(self.repeat) for i, n in enumerate(self.repeats) for _ in range(n)]
         rng.shuffle(order)
@@ -258,15 +261,16 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             for j in range(0, len(items) - self.batch_size + 1, self.batch_size)
         ]
         rng.shuffle(batches)
-        usable = len(batches) // self.world * self.world
-        return batches[self.rank : usable : self.world]
+        rest = batches[position:]
+        usable = len(rest) // self.world * self.world
+        return rest[self.rank : usable : self.world]
 
     def set_position(self, epoch: int, position: int) -> None:
-        """Iterate epoch ``epoch`` starting at its ``position``-th batch."""
+        """Iterate epoch ``epoch`` from its ``position``-th global batch (batches consumed by all ranks)."""
         self.epoch, self.position = epoch, position
 
     def __len__(self) -> int:
-        return len(self.batches(self.epoch)) - self.position
+        return len(self.batches(self.epoch, self.position))
 
     def __iter__(self):
-        yield from self.batches(self.epoch)[self.position :]
+        yield from self.batches(self.epoch, self.position)

@@ -265,6 +265,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "position": self.position,
                 "generator": self.generator.get_state(),
+                "world_size": acc.num_processes,
             },
             tmp / f"trainer_state_{acc.process_index}.pt",
         )
@@ -284,10 +285,24 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         acc.load_state(str(path))
-        state = torch.load(path / f"trainer_state_{acc.process_index}.pt", weights_only=True)
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.generator.set_state(state["generator"])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.position)
+        own = path / f"trainer_state_{acc.process_index}.pt"
+        state = torch.load(own if own.exists() else path / "trainer_state_0.pt", weights_only=True)
+        saved_world = state.get("world_size")
+        # Checkpoints from before world_size was saved counted each rank's own batches.
+        position = state["position"] if saved_world is not None else state["position"] * acc.num_processes
+        self.step, self.epoch, self.position = state["step"], state["epoch"], position
+        if own.exists():
+            self.generator.set_state(state["generator"])
+        else:  # a rank the checkpoint did not have: its own noise stream, seeded from the step
+            self.generator.manual_seed(self.cfg.seed * 1_000_003 + acc.process_index + 7919 * self.step)
+        if saved_world not in (None, acc.num_processes):
+            logger.warning("resuming a %d-process checkpoint on %d processes: the global sample order continues at "
+                           "batch %d of epoch %d, a step now takes %d micro-batches instead of %d (scale "
+                           "grad_accum or the learning rate if the global batch should stay the same), and the noise "
+                           "streams differ", saved_world, acc.num_processes, self.position, self.epoch,
+                           acc.num_processes * self.cfg.grad_accum, saved_world * self.cfg.grad_accum)  # fmt: skip
+        logger.info("resumed from %s at step %d (epoch %d, global batch %d)", path, self.step, self.epoch,
+                    self.position)
 
     def export(self, out_dir: Path) -> Path:
         """Write the (EMA, if enabled) weights in the service's format: a PEFT LoRA
@@ -335,11 +350,12 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
 
     def _micro_batches(self):
-        """Endless micro-batches; ``(epoch, position)`` always counts the batches consumed."""
+        """Endless micro-batches; ``(epoch, position)`` always counts the global batches consumed (every rank takes
+        one per micro-batch)."""
         while True:
             self.sampler.set_position(self.epoch, self.position)
             for batch in self.loader:
-                self.position += 1
+                self.position += self.accelerator.num_processes
                 yield batch
             self.epoch, self.position = self.epoch + 1, 0
 

@@ -67,7 +67,7 @@ def test_buckets_and_sampler_shard_and_resume(tmp_path):
         assert len({samples[i].bucket for i, _ in batch}) == 1
     seen = [i for b in epoch[0] + epoch[1] for i, _ in b]
     assert len(seen) == len(set(seen))
-    ranks[0].set_position(0, 1)
+    ranks[0].set_position(0, 2)  # two global batches consumed: one by each rank
     assert list(ranks[0]) == epoch[0][1:]
     ranks[0].set_position(1, 0)
     assert list(ranks[0]) != epoch[0]  # a new shuffle each epoch
@@ -151,3 +151,15 @@ def test_timestep_range_keeps_every_sigma_inside_and_the_default_changes_nothing
         assert torch.equal(plain.sample_sigmas(64, g1), before)
     with pytest.raises(ValueError, match="timestep_range"):
         FlowMatchObjective(ObjectiveConfig(timestep_range=(0.9, 0.1)))
+
+
+def test_the_global_batch_order_continues_on_another_number_of_processes(tmp_path):
+    """Two ranks consume 3 batches each, then one rank resumes from global batch 6: together they consume the
+    single-process sequence of the epoch, in order."""
+    samples = [Sample(str(i), tmp_path, "", (5, 16, 16), tmp_path) for i in range(40)]
+    single = list(BucketBatchSampler(samples, 2, seed=3, rank=0, world_size=1))
+    two = [list(BucketBatchSampler(samples, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    consumed = [b for step in range(3) for b in (two[0][step], two[1][step])]
+    resumed = BucketBatchSampler(samples, 2, seed=3, rank=0, world_size=1)
+    resumed.set_position(0, 6)
+    assert consumed + list(resumed) == single

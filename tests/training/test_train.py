@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -152,7 +153,16 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_model, tiny_dataset):
     assert len(_losses(tmp_path / "killed")) == 40
 
 
-def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset):
+def tiny_dataset_batches(dataset) -> list:
+    """The single-process batches of epoch 0 of the debug config on ``dataset``."""
+    from training.dataset import BucketBatchSampler, build_samples
+
+    cfg = debug_config(Path("unused"), Path("unused"), dataset)
+    samples = build_samples(dataset, cfg.data.buckets, Path("unused"), "key", 32)
+    return list(BucketBatchSampler(samples, cfg.batch_size, cfg.seed, 0, 1, repeat=cfg.data.repeat))
+
+
+def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset, caplog):
     """Two gloo processes on CPU train and write the single-process checkpoint format.
 
     accelerate 1.15's ``--cpu --num_processes 2`` expects mpirun; torchrun-based ``--multi_gpu``
@@ -180,6 +190,19 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset):
     assert len(_losses(tmp_path / "ddp")) == 4
     lora = load_file(str(tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in lora)
+
+    # The 2-process run resumes on 1 process: from its global batch position, with a warning saying what changed.
+    assert [s["world_size"] for s in ranks] == [2, 2]
+    more = debug_config(tmp_path / "ddp", tiny_model, tiny_dataset, max_steps=6, checkpoint_every=2,
+                        validation_prompts=())  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        train(more)
+    assert "resuming a 2-process checkpoint on 1 processes" in caplog.text
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step-0000006" / "trainer_state_0.pt", weights_only=True)
+    assert state["step"] == 6 and state["world_size"] == 1
+    batches_per_epoch = len(tiny_dataset_batches(tiny_dataset))
+    assert state["epoch"] * batches_per_epoch + state["position"] == 4 * 2 + 2 * 1
+    assert len(_losses(tmp_path / "ddp")) == 6
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tmp_path, tiny_model, tiny_dataset):
