@@ -373,12 +373,12 @@ class Trainer:
         )[0]
         return self.objective.loss(pred, x0, noise, sigmas)
 
-    def _log(self, loss: float) -> None:
+    def _log(self, loss: float, grad_norm: float) -> None:
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=self.step)
+        self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}, step=self.step)
         if self.accelerator.is_main_process:
             with open(self.out / "loss.csv", "a", newline="") as f:
-                csv.writer(f).writerow([self.step, f"{loss:.6g}", f"{lr:.6g}", self.epoch])
+                csv.writer(f).writerow([self.step, f"{loss:.6g}", f"{lr:.6g}", self.epoch, f"{grad_norm:.6g}"])
 
     def _truncate_csv(self) -> None:
         """Drop loss rows past the resumed step (a killed run may have logged beyond its checkpoint)."""
@@ -389,7 +389,7 @@ class Trainer:
         kept = [r for r in rows[1:] if int(r[0]) <= self.step]
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "epoch"])
+            w.writerow(["step", "loss", "lr", "epoch", "grad_norm"])
             w.writerows(kept)
 
     def train(self, until_step: int | None = None) -> Path:
@@ -401,10 +401,10 @@ class Trainer:
         batches = self._micro_batches()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process)
         while self.step < target:
-            total = self._optimizer_step(batches)
+            total, grad_norm = self._optimizer_step(batches)
             self.step += 1
             progress.update(1)
-            self._after_step(total, target, progress)
+            self._after_step(total, grad_norm, target, progress)
         progress.close()
         if self.step < cfg.max_steps:
             acc.end_training()
@@ -425,8 +425,9 @@ class Trainer:
         self._truncate_csv()
         acc.init_trackers(cfg.name)
 
-    def _optimizer_step(self, batches: Iterator[dict]) -> torch.Tensor:
-        """One optimizer step over ``grad_accum`` micro-batches (gradients synced on the last); returns their loss."""
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, float]:
+        """One optimizer step over ``grad_accum`` micro-batches (gradients synced on the last); returns their loss
+        and the global gradient norm before clipping."""
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
         total = torch.zeros((), device=acc.device)
@@ -436,22 +437,22 @@ class Trainer:
                 loss = self._loss(next(batches))
                 acc.backward(loss / cfg.grad_accum)
             total += loss.detach() / cfg.grad_accum
-        if cfg.optim.max_grad_norm:
-            acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+        # With no clipping asked for, an infinite limit still measures the norm and scales the gradients by 1.
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return total
+        return total, grad_norm
 
-    def _after_step(self, total: torch.Tensor, target: int, progress: tqdm) -> None:
+    def _after_step(self, total: torch.Tensor, grad_norm: float, target: int, progress: tqdm) -> None:
         """Log, checkpoint and validate when the new step calls for it."""
         cfg = self.cfg
         if self.step % cfg.log_every == 0:
             loss_value = self.accelerator.reduce(total, "mean").item()
             progress.set_postfix(loss=f"{loss_value:.4f}")
-            self._log(loss_value)
+            self._log(loss_value, float(grad_norm))
         if self.step % cfg.checkpoint_every == 0 or self.step == target:
             self.save_checkpoint()
         if cfg.validation_every and self.step % cfg.validation_every == 0:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _losses(out: Path) -> np.ndarray:
-    return np.array([float(r["loss"]) for r in csv.DictReader(open(out / "loss.csv"))])
+    return np.array([float(r["loss"]) for r in csv.DictReader((out / "loss.csv").read_text().splitlines())])
 
 
 @pytest.mark.parametrize("run", ["lora_run", "full_run"])
@@ -39,6 +39,8 @@ def test_overfit_loss_falls(run, request):
     assert last < 0.7 * first
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+    norms = np.array([float(r["grad_norm"]) for r in csv.DictReader((out / "loss.csv").read_text().splitlines())])
+    assert len(norms) == 200 and np.isfinite(norms).all() and (norms > 0).all()  # before clipping: not capped at 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000100", "step-0000200"]
 
 
