@@ -185,13 +185,16 @@ def serve(port: int, host: str, **overrides) -> None:
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--fps", type=int, default=None)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reference image of an image-conditioned model (Wan I2V: required; TI2V: optional).")
 @settings_options
 def generate(prompt, output, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-             seed, fps, **overrides) -> None:
+             seed, fps, image, **overrides) -> None:
     """Generate one video locally (no server) and write it to OUTPUT."""
     from media.video import encode_mp4, write_atomic
 
     from .engine import DiffusersEngine
+    from .images import attach_reference
     from .runtime import limits_of
     from .schemas import GenerateRequest, InputError, resolve
 
@@ -204,6 +207,8 @@ def generate(prompt, output, negative_prompt, height, width, num_frames, num_inf
                                        num_frames=num_frames, num_inference_steps=num_inference_steps,
                                        guidance_scale=guidance_scale, seed=seed, fps=fps),
                        engine.model.defaults, limits)
+        spec = attach_reference(spec, engine.model.family, image.read_bytes() if image else None, "image",
+                                settings.storage_dir)
     except InputError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.param.replace('_', '-')}") from None
     from tqdm import tqdm

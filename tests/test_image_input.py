@@ -241,3 +241,20 @@ def test_eval_run_sends_per_task_reference_images_to_an_image_conditioned_endpoi
     assert sorted(videos) == sorted(t.index for t in tasks)
     stored = list((tmp_path / "st" / "inputs").glob("*.png"))
     assert len(stored) == 1 and Image.open(stored[0]).size == (64, 64)
+
+
+def test_microverse_generate_takes_an_image_for_an_image_conditioned_model(image_models, tmp_path):
+    from click.testing import CliRunner
+
+    from microverse.cli import main
+
+    png = tmp_path / "cell.png"
+    png.write_bytes(cell_png())
+    common = ["generate", "this cell divides", "--model", str(image_models["wan2.1-i2v"]), "--height", "64",
+              "--width", "64", "--num-frames", "5", "--steps", "2", "--storage-dir", str(tmp_path / "st")]  # fmt: skip
+    res = CliRunner().invoke(main, [*common, "--image", str(png), "-o", str(tmp_path / "out.mp4")])
+    assert res.exit_code == 0, res.output
+    frames, _ = read_video((tmp_path / "out.mp4").read_bytes())
+    assert frames.shape == (5, 64, 64, 3)
+    res = CliRunner().invoke(main, common)
+    assert res.exit_code == 2 and "--image" in res.output and "reference image" in res.output
