@@ -51,6 +51,14 @@ def decode_base64(text: str, field: str) -> bytes:
         raise InputError(field, f"{field} is neither a data URL nor base64 of an image") from None
 
 
+def reference_bytes(upload: bytes | None, text: str | None, field: str) -> bytes | None:
+    """The reference image a request sends: the uploaded file, or its data URL / base64 text decoded; None when it
+    sends neither. :class:`InputError` naming ``field`` when it sends both or the text does not decode."""
+    if upload is not None and text is not None:
+        raise InputError(field, f"send {field} once: as a file or as a data URL / base64, not both")
+    return upload if upload is not None else decode_base64(text, field) if text else None
+
+
 def load_reference(data: bytes, field: str):
     """The RGB ``PIL.Image`` of an uploaded or decoded reference; :class:`InputError` naming ``field``."""
     from PIL import Image, UnidentifiedImageError

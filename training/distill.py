@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from evaluation.physics import ModelRunner, evaluate_physics, heldout_cases
 from training.config import DIFFUSERS_LORA_TARGETS, ModelConfig, ObjectiveConfig, OptimConfig
+from training.demo import DEFAULTS_FILE, demo_config, make_data
 from training.objective import FlowMatchObjective
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ DISTILL_CONFIGS: dict[str, Callable[[], DistillConfig]] = {"demo": demo_distill_
 
 def teacher_defaults(teacher: str | Path) -> dict:
     """The teacher's ``microverse_defaults.json`` (clip shape, text length, negative prompt)."""
-    path = Path(teacher) / "microverse_defaults.json"
+    path = Path(teacher) / DEFAULTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the teacher must be a model folder with its generation defaults")
     return json.loads(path.read_text())
@@ -142,12 +143,7 @@ def teacher_defaults(teacher: str | Path) -> dict:
 
 def training_prompts(cfg: DistillConfig, out: Path) -> list[str]:
     """``cfg.pairs`` captions, cycling through the dataset's."""
-    if cfg.prompts is None:
-        from training.demo import demo_config, make_data
-
-        folder = make_data(demo_config(), out / "data")
-    else:
-        folder = Path(cfg.prompts)
+    folder = make_data(demo_config(), out / "data") if cfg.prompts is None else Path(cfg.prompts)
     rows = json.loads((folder / "metadata.json").read_text())
     if not rows:
         raise ValueError(f"{folder}/metadata.json has no captions")
@@ -174,11 +170,12 @@ def make_pairs(cfg: DistillConfig, out: Path) -> Path:
 
     pairs_dir = out / "pairs"
     pairs_dir.mkdir(parents=True, exist_ok=True)
+    n_chunks = -(-cfg.pairs // cfg.pair_batch)
+    todo = [i for i in range(n_chunks) if not (pairs_dir / f"chunk-{i:05d}.safetensors").exists()]
+    if not todo:  # resumed with every chunk made: the captions are not even read
+        return pairs_dir
     prompts = training_prompts(cfg, out)
     chunks = [prompts[i : i + cfg.pair_batch] for i in range(0, len(prompts), cfg.pair_batch)]
-    todo = [i for i in range(len(chunks)) if not (pairs_dir / f"chunk-{i:05d}.safetensors").exists()]
-    if not todo:
-        return pairs_dir
     d = teacher_defaults(cfg.teacher_dir)
     pipe = WanPipeline.from_pretrained(cfg.teacher_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import EngineRuntimeDep, OwnerDep, image_body_rules, read_body
 from ..errors import APIError, json_body_spec
-from ..images import attach_reference, decode_base64
+from ..images import attach_reference, reference_bytes
 from ..jobs import Job
 from ..runtime import Runtime
 from ..schemas import GenerateRequest, GenerationSpec, InputError, resolve
@@ -29,9 +29,7 @@ async def generate(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> R
     req, upload = await read_body(request, GenerateRequest, image_body_rules(
         request, rt.engine.model.family.image != "none", "image"))
     try:
-        if upload is not None and req.image is not None:
-            raise InputError("image", "send the image once: as a file field or as base64, not both")
-        image = upload if upload is not None else decode_base64(req.image, "image") if req.image else None
+        image = reference_bytes(upload, req.image, "image")
         spec = resolve(req, rt.engine.model.defaults_for(req.lora), rt.limits)
         spec = await run_in_threadpool(attach_reference, spec, rt.engine.model.family, image, "image",
                                        rt.settings.storage_dir)

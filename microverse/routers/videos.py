@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import EngineRuntimeDep, OwnerDep, RuntimeDep, image_body_rules, read_body
 from ..errors import APIError, json_body_spec
-from ..images import attach_reference, decode_base64
+from ..images import attach_reference, reference_bytes
 from ..jobs import JOB_ID_RE, Job
 from ..protocol import VideoCreateBody, VideoObject, to_generate_request, to_video_object
 from ..runtime import Runtime
@@ -51,10 +51,7 @@ async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) 
     try:
         req = to_generate_request(body, model.defaults_for(body.lora or adapter).fps, rt.settings.max_frames, adapter)
         spec = resolve(req, model.defaults_for(req.lora), rt.limits)
-        url = body.reference_data_url()
-        if upload is not None and url is not None:
-            raise InputError("input_reference", "send input_reference once: as a file or as a data URL, not both")
-        image = upload if upload is not None else decode_base64(url, "input_reference") if url else None
+        image = reference_bytes(upload, body.reference_data_url(), "input_reference")
         spec = await run_in_threadpool(attach_reference, spec, model.family, image, "input_reference",
                                        rt.settings.storage_dir)
     except InputError as exc:
