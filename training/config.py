@@ -79,6 +79,13 @@ class DataConfig:
     """``slide``: frames between window starts (default: half the bucket's frames)."""
     windows_per_clip: int = 4
     """``uniform``: windows per clip; ``chunk`` and ``slide``: the most windows taken from one clip."""
+    datasets: dict[str, int] = field(default_factory=dict)
+    """Further training sets (folders with ``metadata.json``) and their weights: each clip of a set of weight ``w``
+    is drawn ``w`` times per epoch (times ``repeat`` and ``repeat_by``), e.g. ``{"data/curated": 3}`` mixes a small
+    curated set at three times its size into ``dataset`` (weight 1)."""
+    validation_dataset: str | None = None
+    """Held-out clips (a folder with ``metadata.json``, cached like the training set) whose loss at the fixed noise
+    levels ``TrainConfig.validation_sigmas`` is logged every ``validation_loss_every`` steps."""
     caption_dropout: float = 0.1
     """Probability of training a sample on the empty prompt, which CFG needs at inference."""
     num_workers: int = 0
@@ -177,6 +184,11 @@ class TrainConfig:
     """Log loss to TensorBoard and CSV every N steps."""
     validation_every: int | None = None
     """Render the validation prompts every N steps (None: only at the end, if prompts are set)."""
+    validation_loss_every: int | None = None
+    """Measure the held-out loss (``data.validation_dataset``) before training, every N steps and at the end (None:
+    never): ``val/loss`` and ``val/loss_<sigma>`` in the trackers and ``val_loss.csv``; the ranks split the clips."""
+    validation_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    """Noise levels of the held-out loss, each with noise fixed per clip, so the numbers compare across steps."""
     validation_prompts: tuple[str, ...] = ()
     """Fixed prompts rendered as validation videos."""
     validation_steps: int = 50
@@ -185,10 +197,25 @@ class TrainConfig:
     """CFG scale for validation (upstream: 5.0)."""
     validation_shape: tuple[int, int, int] = (81, 480, 832)
     """``(frames, height, width)`` of validation videos (upstream: 81 x 480 x 832)."""
+    validation_timeout: float = 1800.0
+    """Seconds the validation renders may take: past them every rank stops rendering (together) and training goes
+    on, so a slow render never stalls the ranks at a barrier."""
     validation_fps: int = 16
     """Frame rate of the saved validation videos."""
     write_upstream: bool = False
     """Also write each checkpoint in the upstream MicroVerse format (``step-N.safetensors``)."""
+    export_every: int | None = None
+    """Checkpoints at multiples of this step also hold a service-loadable ``export/`` (None: every checkpoint; the
+    final export is always written). A 14B full fine-tune's export is 28 GB in bf16."""
+    export_dtype: str = "bfloat16"
+    """Dtype of the exported weights (``bfloat16``: half the size of fp32, what the service runs on GPU; ``float32``
+    to keep the master weights exactly). Checkpoints keep fp32 training state either way."""
+    write_comfyui: bool = False
+    """LoRA runs: also write each export as ``comfyui_lora.safetensors`` in the kohya / musubi-tuner layout that
+    ComfyUI's LoRA loader (and diffusers) read for Wan."""
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """accelerate trackers the metrics go to: ``tensorboard`` (``<output_dir>/logs``), ``wandb`` (needs ``wandb``
+    installed and logged in; the run is named ``name``), ``mlflow``, ... or none (``[]``); ``loss.csv`` always."""
 
 
 def debug_config() -> TrainConfig:
@@ -235,10 +262,44 @@ def full_1_3b_config() -> TrainConfig:
     )
 
 
+def lora_14b_config() -> TrainConfig:
+    """LoRA on Wan2.1-T2V-14B at 480x832x81: rank 32 on a bf16 base (about 28 GB of weights), gradient checkpointing;
+    DDP on 80 GB GPUs, or FSDP2 (``training/accelerate/fsdp2.yaml``) to shard the base as well."""
+    return TrainConfig(
+        name="lora-14b",
+        output_dir="outputs/lora-14b",
+        model=ModelConfig(pretrained="Wan-AI/Wan2.1-T2V-14B-Diffusers", base_dtype="bfloat16",
+                          gradient_checkpointing=True),
+        mixed_precision="bf16",
+        max_steps=5000,
+        checkpoint_every=500,
+        validation_every=1000,
+    )  # fmt: skip
+
+
+def full_14b_config() -> TrainConfig:
+    """Full fine-tune of Wan2.1-T2V-14B under FSDP2 on 8 GPUs (``training/accelerate/fsdp2.yaml``): fp32 master
+    weights and AdamW state sharded 8 ways (about 28 GB per GPU), bf16 autocast, gradient checkpointing, a bf16
+    export (28 GB) every 1000 steps."""
+    return TrainConfig(
+        name="full-14b",
+        output_dir="outputs/full-14b",
+        model=ModelConfig(pretrained="Wan-AI/Wan2.1-T2V-14B-Diffusers", mode="full", gradient_checkpointing=True),
+        optim=OptimConfig(lr=1e-5),
+        mixed_precision="bf16",
+        max_steps=5000,
+        checkpoint_every=500,
+        export_every=1000,
+        validation_every=1000,
+    )
+
+
 CONFIGS: dict[str, Callable[[], TrainConfig]] = {
     "debug": debug_config,
     "lora-1.3b": lora_1_3b_config,
     "full-1.3b": full_1_3b_config,
+    "lora-14b": lora_14b_config,
+    "full-14b": full_14b_config,
 }
 
 

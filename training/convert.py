@@ -86,6 +86,22 @@ def lora_diffusers_to_upstream(
     return out
 
 
+def lora_diffusers_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers LoRA (``transformer.blocks.0.attn1.to_q.lora_A.weight``, unscaled A and B) -> the kohya /
+    musubi-tuner layout ComfyUI loads for Wan (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``lora_up``,
+    and the ``.alpha`` each module is scaled by, over its rank); diffusers reads it back as well."""
+    out = {}
+    for key, value in state_dict.items():
+        m = _LORA_SUFFIX.match(key.removeprefix("transformer."))
+        if m is None:
+            raise ValueError(f"not a LoRA weight: {key}")
+        module = diffusers_key_to_original(m["module"] + ".weight").removesuffix(".weight")
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if m['ab'] == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=value.dtype)
+    return out
+
+
 def lora_upstream_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Upstream LoRA keys -> diffusers PEFT keys with the ``transformer.`` prefix (alpha = rank)."""
     parsed = {}

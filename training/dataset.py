@@ -178,10 +178,12 @@ def encode_latents(vae, videos: torch.Tensor) -> torch.Tensor:
 def build_cache(
     accelerator, pipe, missing: list[Sample], cache_dir: Path, text_max_length: int, extra_prompts=(),
     batch_size: int = 1,
+    condition=None,
 ) -> dict[str, torch.Tensor]:
     """Encode the ``missing`` samples (the same list on every rank, sharded over processes, ``batch_size``
-    same-bucket clips per VAE encode) and the empty and extra prompts. Returns the prompt embeddings keyed
-    by prompt."""
+    same-bucket clips per VAE encode) and the empty and extra prompts; ``condition(clip)`` gives tensors cached
+    beside a clip's latents (an image-conditioned model's first-frame condition). Returns the prompt embeddings
+    keyed by prompt."""
     if batch_size < 1:
         raise ValueError(f"data.cache_batch_size must be at least 1, got {batch_size}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -195,11 +197,14 @@ def build_cache(
     groups = [g[i : i + batch_size] for g in by_bucket.values() for i in range(0, len(g), batch_size)]
     progress = tqdm(total=len(todo), desc="caching latents", disable=not todo or not accelerator.is_local_main_process)
     for group in groups:
-        latents = encode_latents(pipe.vae, torch.stack([load_clip(s) for s in group]))
-        for sample, lat in zip(group, latents, strict=True):
+        clips = [load_clip(s) for s in group]
+        latents = encode_latents(pipe.vae, torch.stack(clips))
+        for sample, clip, lat in zip(group, clips, latents, strict=True):
             emb = encode_prompts(pipe, [sample.prompt], text_max_length, device)[0]
+            extra = condition(clip) if condition else {}
             tmp = sample.cache_file.with_suffix(f".tmp{accelerator.process_index}")
-            save_file({"latents": lat.contiguous(), "prompt_embeds": emb.contiguous()}, str(tmp))
+            tensors = {"latents": lat, "prompt_embeds": emb, **extra}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             tmp.replace(sample.cache_file)
         progress.update(len(group))
     progress.close()
@@ -210,7 +215,8 @@ def build_cache(
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Cached latents and prompt embeddings; caption dropout is decided by the sampler's batch plan."""
+    """Cached latents, prompt embeddings and any image condition; caption dropout is decided by the sampler's
+    batch plan."""
 
     def __init__(self, samples: list[Sample], empty_embeds: torch.Tensor, text_max_length: int):
         self.samples = samples
@@ -226,7 +232,7 @@ class CachedDataset(torch.utils.data.Dataset):
         emb = self.empty if drop_caption else data["prompt_embeds"]
         padded = torch.zeros(self.text_max_length, emb.shape[-1])
         padded[: emb.shape[0]] = emb[: self.text_max_length]
-        return {"latents": data["latents"], "prompt_embeds": padded}
+        return {**data, "prompt_embeds": padded}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -237,10 +243,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     position on, the batches are dealt round-robin to the ranks (every rank gets the same number). The position
     counts the *global* batches consumed, so a run resumes exactly from ``(epoch, position)`` on the same number
     of processes, and continues the same global sequence on another number (see :meth:`set_position`). Each item
-    carries its caption-dropout decision.
+    carries its caption-dropout decision. With ``rank=None`` it yields every rank's batches in the global order
+    (a multiple of ``world_size``) for accelerate's ``BatchSamplerShard`` to deal round-robin, as a prepared
+    DataLoader does.
     """
 
-    def __init__(self, samples, batch_size, seed, rank, world_size, repeat=1, caption_dropout=0.0):
+    drop_last = True  # the batches are always full and a multiple of the world size: nothing to pad
+
+    def __init__(self, samples, batch_size, seed, rank: int | None, world_size, repeat=1, caption_dropout=0.0):
         self.buckets = [s.bucket for s in samples]
         self.repeats = [s.repeat for s in samples]
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
@@ -248,7 +258,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.position = 0, 0
 
     def batches(self, epoch: int, position: int = 0) -> list[list[tuple[int, bool]]]:
-        """This rank's batches of ``epoch`` from global batch ``position`` on."""
+        """This rank's batches (every rank's, for ``rank=None``) of ``epoch`` from global batch ``position`` on."""
         rng = random.Random(f"{self.seed}-{epoch}")
         order = [i for _ in range(self.repeat) for i, n in enumerate(self.repeats) for _ in range(n)]
         rng.shuffle(order)
@@ -262,8 +272,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         ]
         rng.shuffle(batches)
         rest = batches[position:]
-        usable = len(rest) // self.world * self.world
-        return rest[self.rank : usable : self.world]
+        usable = rest[: len(rest) // self.world * self.world]
+        return usable if self.rank is None else usable[self.rank :: self.world]
 
     def set_position(self, epoch: int, position: int) -> None:
         """Iterate epoch ``epoch`` from its ``position``-th global batch (batches consumed by all ranks)."""

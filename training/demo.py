@@ -274,6 +274,7 @@ def train_config(cfg: DemoConfig, data: Path, init: Path, out: Path):
                           decay_steps=cfg.decay_steps),
         seed=cfg.seed, max_steps=cfg.train_steps, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
         checkpoint_every=max(cfg.train_steps // 8, 1), keep_checkpoints=1, resume="auto",
+        export_dtype="float32",  # the shipped CPU model runs in fp32
     )  # fmt: skip
 
 

@@ -69,7 +69,19 @@ class FlowMatchObjective:
         s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
         return (1 - s) * x0 + s * noise
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """Weighted MSE between the prediction and ``e - x0``, in fp32."""
-        per_sample = ((pred.float() - (noise - x0).float()) ** 2).flatten(1).mean(1)
+    def loss(
+        self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, mask=None
+    ) -> torch.Tensor:
+        """Weighted MSE between the prediction and ``e - x0``, in fp32, over the elements ``mask`` keeps (all when
+        None; TI2V leaves out its clean first frame)."""
+        per_sample = masked_mse(pred, noise - x0, mask)
         return (per_sample * self.weights(sigmas).to(per_sample.device)).mean()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE in fp32 over the elements where the broadcastable ``mask`` is 1 (all when None)."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.flatten(1).mean(1)
+    mask = mask.to(err).expand_as(err)
+    return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)

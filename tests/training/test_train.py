@@ -40,7 +40,11 @@ def test_overfit_loss_falls(run, request):
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     norms = np.array([float(r["grad_norm"]) for r in csv.DictReader((out / "loss.csv").read_text().splitlines())])
-    assert len(norms) == 200 and np.isfinite(norms).all() and (norms > 0).all()  # before clipping: not capped at 1
+    assert len(norms) == 200 and np.isfinite(norms).all()
+    # Zero only where the loss is: the bell weighting gives the schedule's end sigma weight 0.
+    assert ((norms > 0) | (loss == 0)).all() and (norms > 0).mean() > 0.95
+    if run == "lora_run":
+        assert norms.max() > 1  # measured before clipping, which caps the applied norm at 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000100", "step-0000200"]
 
 
@@ -188,7 +192,6 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_dataset, caplog):
         assert (ckpt / name).exists(), name
     ranks = [torch.load(ckpt / f"trainer_state_{r}.pt", weights_only=True) for r in (0, 1)]
     assert [s["step"] for s in ranks] == [4, 4]
-    assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])  # per-rank noise streams
     assert len(_losses(tmp_path / "ddp")) == 4
     lora = load_file(str(tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in lora)
@@ -264,3 +267,54 @@ def test_batched_latent_cache_matches_one_by_one(tmp_path, tiny_model, tiny_data
     for clip, one in caches[1].items():
         torch.testing.assert_close(caches[3][clip]["latents"], one["latents"], atol=1e-5, rtol=1e-4)
         assert torch.equal(caches[3][clip]["prompt_embeds"], one["prompt_embeds"])
+
+
+def test_exports_default_to_bf16_at_chosen_steps_and_load_in_the_service(tmp_path, tiny_model, tiny_dataset):
+    """``export_dtype`` defaults to bf16 (half of fp32's size); ``export_every`` picks the checkpoints that get one."""
+    from training.config import TrainConfig
+
+    assert TrainConfig().export_dtype == "bfloat16"
+    out = tmp_path / "bf16"
+    cfg = debug_config(out, tiny_model, tiny_dataset, mode="full", max_steps=4, checkpoint_every=2, export_every=4,
+                       validation_prompts=(), export_dtype="bfloat16")  # fmt: skip
+    train(cfg)
+    assert not (out / "checkpoints" / "step-0000002" / "export").exists()
+    assert (out / "checkpoints" / "step-0000004" / "export" / "transformer").is_dir()
+    weights = load_file(str(next((out / "final" / "transformer").glob("*.safetensors"))))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert json.loads((out / "final" / "microverse_checkpoint.json").read_text())["dtype"] == "bfloat16"
+
+    from microverse import config, loading
+
+    pipe = loading.load_pipeline(config.Settings(model=str(tiny_model), transformer=str(out / "final" / "transformer")))
+    video = pipe.pipe(prompt="cells dividing", height=32, width=32, num_frames=9, num_inference_steps=2,
+                      output_type="np").frames[0]  # fmt: skip
+    assert video.shape == (9, 32, 32, 3) and np.isfinite(video).all()
+
+
+def test_comfyui_lora_export_gives_the_same_video(tmp_path, tiny_model, tiny_dataset):
+    """``write_comfyui``: the kohya / musubi-tuner layout ComfyUI loads; read back by diffusers' own converter it
+    gives the same video as the diffusers-format export."""
+    from diffusers import WanPipeline
+
+    out = tmp_path / "comfy"
+    cfg = debug_config(out, tiny_model, tiny_dataset, max_steps=3, checkpoint_every=3, validation_prompts=(),
+                       write_comfyui=True, model__lora_rank=4, model__lora_alpha=8, optim__lr=5e-2)  # fmt: skip
+    train(cfg)
+    comfy = load_file(str(out / "final" / "comfyui_lora.safetensors"))
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in comfy and "lora_unet_blocks_1_ffn_2.alpha" in comfy
+    assert float(comfy["lora_unet_blocks_0_cross_attn_o.alpha"]) == 8.0
+
+    def video(lora_file: Path | None) -> np.ndarray:
+        pipe = WanPipeline.from_pretrained(tiny_model)
+        if lora_file is not None:
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt="cells dividing", height=32, width=32, num_frames=9, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").frames[0]  # fmt: skip
+
+    base = video(None)
+    diffusers_video = video(out / "final" / "pytorch_lora_weights.safetensors")
+    comfy_video = video(out / "final" / "comfyui_lora.safetensors")
+    assert np.abs(diffusers_video - base).max() > 1e-3
+    np.testing.assert_allclose(comfy_video, diffusers_video, atol=1e-5)

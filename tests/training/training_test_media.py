@@ -49,6 +49,7 @@ def debug_config(out: Path, model: Path, dataset: Path, mode: str = "lora", **fi
     """The debug config on ``model``/``dataset`` writing to ``out``; ``section__field=value`` sets fields."""
     overrides = [f"model.pretrained={model}", f"data.dataset={dataset}", f"output_dir={out}", f"model.mode={mode}"]
     cfg = load_config("debug", overrides)
+    fields.setdefault("export_dtype", "float32")  # exports compared with the fp32 training weights exactly
     for key, value in fields.items():
         section, _, leaf = key.rpartition("__")
         setattr(getattr(cfg, section) if section else cfg, leaf, value)
