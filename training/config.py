@@ -59,6 +59,13 @@ class DataConfig:
     """Folder holding ``metadata.json`` (upstream MicroSim format: ``id``, ``video``, ``prompt``)."""
     buckets: tuple[tuple[int, int, int], ...] = ((81, 480, 832),)
     """``(frames, height, width)`` buckets; each clip goes to the closest aspect ratio whose frame count fits."""
+    bucket_area: int | None = None
+    """Derive the buckets' shapes from the data instead (``training.dataset.derive_buckets``): each clip's aspect
+    ratio at about this many pixels (e.g. ``399360`` = 480 x 832), sides multiples of ``bucket_multiple``, the 8
+    commonest shapes, each with the frame counts of ``buckets``."""
+    bucket_multiple: int = 16
+    """Derived bucket sides are multiples of this: the VAE's spatial factor times the DiT's patch (Wan2.1: 8 x 2;
+    Wan2.2 TI2V's 16x VAE: 32)."""
     cache_dir: str | None = None
     """Where VAE latents and text embeddings are cached (default ``<output_dir>/cache``)."""
     cache_batch_size: int = 1

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,26 @@ def _clip_size(row: dict, video: Path) -> tuple[int, int, int]:
         return row["frames"], row["height"], row["width"]
     info = probe_video(video)
     return info.frames, info.height, info.width
+
+
+def dataset_sizes(dataset: str | Path) -> list[tuple[int, int, int]]:
+    """``(frames, height, width)`` of every clip of a dataset folder."""
+    dataset = Path(dataset)
+    return [_clip_size(row, (dataset / row["video"]).resolve()) for row in read_metadata(dataset)]
+
+
+def derive_buckets(sizes, frame_counts, area: int, multiple: int = 16, most: int = 8) -> tuple[tuple[int, ...], ...]:
+    """Buckets from the clips' own aspect ratios: each clip's aspect at about ``area`` pixels, both sides rounded to
+    ``multiple`` (16: the Wan VAE's 8x times the DiT's 2x patch), the ``most`` commonest shapes kept, each with every
+    frame count of ``frame_counts``."""
+    shapes: Counter = Counter()
+    for _, height, width in sizes:
+        aspect = width / height
+        h = max(multiple, round(math.sqrt(area / aspect) / multiple) * multiple)
+        w = max(multiple, round(math.sqrt(area * aspect) / multiple) * multiple)
+        shapes[(h, w)] += 1
+    kept = sorted(shape for shape, _ in shapes.most_common(most))
+    return tuple((f, h, w) for f in sorted(set(frame_counts)) for h, w in kept)
 
 
 def encoder_key(pretrained: str | Path) -> str:

@@ -43,7 +43,16 @@ from training.convert import (
     lora_diffusers_to_upstream,
     save_diffusers_lora,
 )
-from training.dataset import BucketBatchSampler, CachedDataset, build_cache, build_samples, encoder_key, load_clip
+from training.dataset import (
+    BucketBatchSampler,
+    CachedDataset,
+    build_cache,
+    build_samples,
+    dataset_sizes,
+    derive_buckets,
+    encoder_key,
+    load_clip,
+)
 from training.objective import FlowMatchObjective
 
 logger = logging.getLogger(__name__)
@@ -172,6 +181,7 @@ class Trainer:
 
         self.kind = conditioning_kind(cfg.model.pretrained)  # image conditioning (training.conditioning)
         self.encoder_key = encoder_key(cfg.model.pretrained)
+        self.buckets = self._buckets()
         self.samples = [
             sample
             for folder, weight in {cfg.data.dataset: 1, **cfg.data.datasets}.items()
@@ -219,12 +229,22 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
 
+    def _buckets(self) -> tuple[tuple[int, int, int], ...]:
+        """``data.buckets``, or with ``data.bucket_area`` the shapes of the training clips at that area."""
+        data = self.cfg.data
+        if data.bucket_area is None:
+            return data.buckets
+        sizes = [size for folder in (data.dataset, *data.datasets) for size in dataset_sizes(folder)]
+        buckets = derive_buckets(sizes, [f for f, _, _ in data.buckets], data.bucket_area, data.bucket_multiple)
+        logger.info("buckets from the data (%d clips): %s", len(sizes), buckets)
+        return buckets
+
     def _samples_of(self, folder: str, weight: int) -> list:
         """The samples (windows, buckets, cache files) of one dataset folder, each drawn ``weight`` times more."""
         cfg = self.cfg
         if weight < 1:
             raise ValueError(f"data.datasets: weight of {folder} must be a whole number >= 1, got {weight}")
-        samples = build_samples(folder, cfg.data.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length,
+        samples = build_samples(folder, self.buckets, self.cache_dir, self.encoder_key, cfg.model.text_max_length,
                                 cfg.data.repeat_by, cfg.data.frame_windows, cfg.data.window_stride,
                                 cfg.data.windows_per_clip)  # fmt: skip
         for sample in samples:

@@ -318,3 +318,27 @@ def test_comfyui_lora_export_gives_the_same_video(tmp_path, tiny_model, tiny_dat
     comfy_video = video(out / "final" / "comfyui_lora.safetensors")
     assert np.abs(diffusers_video - base).max() > 1e-3
     np.testing.assert_allclose(comfy_video, diffusers_video, atol=1e-5)
+
+
+def test_weighted_datasets_buckets_from_the_data_and_a_validation_timeout(tmp_path, tiny_model, tiny_dataset, caplog):
+    """``data.datasets`` mixes sets by weight, ``data.bucket_area`` takes the bucket shapes from the clips, and
+    ``validation_timeout`` stops the renders (on every rank alike) instead of stalling training."""
+    from training_test_media import blobs
+
+    from media.video import write_mp4
+    from training.trainer import Trainer
+
+    extra = tmp_path / "wide"
+    for i in range(2):
+        write_mp4(extra / f"w{i}.mp4", blobs(9, (32, 64), seed=20 + i, background=90), fps=16)
+    rows = [{"video": f"w{i}.mp4", "prompt": "cells dividing"} for i in (0, 1)]
+    (extra / "metadata.json").write_text(json.dumps(rows))
+    cfg = debug_config(tmp_path / "mix", tiny_model, tiny_dataset, max_steps=1, validation_timeout=0.0,
+                       data__datasets={str(extra): 3}, data__bucket_area=32 * 32)  # fmt: skip
+    trainer = Trainer(cfg)
+    assert sorted({s.bucket for s in trainer.samples}) == [(9, 16, 48), (9, 32, 32)]  # square and 2:1 at ~1024 px
+    assert sorted(s.repeat for s in trainer.samples) == [1, 1, 1, 1, 3, 3]
+    assert len(trainer.sampler.batches(0)) == 4 + 2 * 3  # batch size 1: each wide clip three times per epoch
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        assert trainer.validate() == []
+    assert "validation stopped after 0 of 1 renders per rank" in caplog.text

@@ -76,3 +76,17 @@ def test_training_caches_and_trains_on_every_window(long_clip, tmp_path, tiny_mo
     assert all(s.cache_file.exists() for s in trainer.samples)
     trainer.train()
     assert trainer.step == 2
+
+
+def test_buckets_derived_from_the_clips_aspect_ratios():
+    from training.dataset import derive_buckets
+
+    sizes = [(81, 480, 832)] * 5 + [(81, 720, 720)] * 3 + [(81, 1080, 1920)] * 2 + [(81, 600, 300)]
+    buckets = derive_buckets(sizes, [81, 33], area=480 * 832, most=3)
+    # Each aspect at about 480 x 832 pixels in multiples of 16, every frame count; the one portrait clip, the rarest
+    # shape, is left out when 3 buckets are kept.
+    shapes = [(480, 832), (480, 848), (624, 624)]
+    assert buckets == tuple((f, h, w) for f in (33, 81) for h, w in shapes)
+    assert all(abs(h * w - 480 * 832) / (480 * 832) < 0.05 for _, h, w in buckets)
+    assert (81, 896, 448) in derive_buckets(sizes, [81], area=480 * 832)  # the portrait clip, given room
+    assert derive_buckets([(9, 40, 40)], [9], area=32 * 32, multiple=32) == ((9, 32, 32),)
