@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from media.video import encode_mp4, thumbnail, write_atomic
+from media.video import encode_mp4, thumbnail
 
 from .engine import BatchResult, GenerationCancelled, VideoEngine
 from .jobs import Job, JobStore
@@ -41,7 +41,8 @@ class BatchWorker:
     """Background thread that drains the job queue, batch by batch."""
 
     def __init__(self, store: JobStore, engine: VideoEngine, metrics: ServiceMetrics,
-                 max_batch_size: int, max_batch_wait_s: float, storage_retry_s: float = 30.0):
+                 max_batch_size: int, max_batch_wait_s: float, storage_retry_s: float = 30.0,
+                 heartbeat_s: float = 10.0):
         self.store = store
         self.engine = engine
         self.metrics = metrics
@@ -55,6 +56,10 @@ class BatchWorker:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._waiters_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="microverse-batch-worker", daemon=True)
+        self.heartbeat_s = heartbeat_s
+        """How often the running batch's leases are renewed (a third of the lease) and lapsed ones reclaimed."""
+        self._running: list[str] = []
+        self._heartbeat = threading.Thread(target=self._beat, name="microverse-lease-heartbeat", daemon=True)
         self._last_sweep = 0.0
         self.mean_call_s: float | None = None
         """Moving average of engine-call seconds (for Retry-After)."""
@@ -62,12 +67,14 @@ class BatchWorker:
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._heartbeat.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: the running batch stops at its next step and goes back to the queue."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._heartbeat.join(timeout)
 
     def notify(self) -> None:
         """A job was queued."""
@@ -131,6 +138,24 @@ class BatchWorker:
             self._wake.wait(max(0.0, deadline - time.time()))
             self._wake.clear()
 
+    def _beat(self) -> None:
+        """Renew the leases of the running batch and re-queue the jobs of lapsed leases (a dead replica's), also while
+        this replica is busy. A job whose lease is gone (deleted on any replica, or taken over after a lapse) is
+        cancelled here, and the batch stops at its next step once all of its jobs are."""
+        while not self._stop.wait(self.heartbeat_s):
+            ids = list(self._running)
+            try:
+                held = self.store.heartbeat(ids)
+                if sum(self.store.reclaim_expired().values()):
+                    self._wake.set()
+            except STORAGE_ERRORS as exc:
+                logger.warning("lease heartbeat of %s failed (retried in %g s): %s", ids, self.heartbeat_s, exc)
+                continue
+            for job_id in set(ids) - held:
+                if job_id in self._running and job_id not in self._cancelled:
+                    logger.warning("%s was deleted or taken over by another replica; stopping it", job_id)
+                    self._cancelled.add(job_id)
+
     def _sweep(self) -> None:
         if time.time() - self._last_sweep > EXPIRY_SWEEP_S:
             self._last_sweep = time.time()
@@ -141,6 +166,8 @@ class BatchWorker:
     def _run_claimed(self, batch: list[Job]) -> None:
         """Run a claimed batch. Whatever happens, each job leaves ``in_progress`` (completed, failed or back in
         the queue) and its waiters are woken: a job is never left running without this worker."""
+        outer = self._running  # a batch split after out-of-memory keeps the whole batch's leases renewed
+        self._running = outer or [j.id for j in batch]
         try:
             self._run_batch(batch)
         except Exception as exc:
@@ -149,6 +176,7 @@ class BatchWorker:
             for job in batch:
                 self._settle(f"failing {job.id}", lambda j=job: self.store.fail(j.id, "internal_error", reason))
         finally:
+            self._running = outer
             self._finish([j.id for j in batch])
 
     def _run_batch(self, batch: list[Job]) -> None:
@@ -214,8 +242,8 @@ class BatchWorker:
         video, thumb = encode_mp4(frames, job.spec.fps), thumbnail(frames)
 
         def write() -> None:
-            write_atomic(self.store.video_path(job.id), video)
-            write_atomic(self.store.thumb_path(job.id), thumb)
+            self.store.write_file(job.id, ".mp4", video)
+            self.store.write_file(job.id, ".webp", thumb)
 
         try:
             self._retry(f"storing the video of {job.id}", write, self.storage_retry_s)
@@ -230,7 +258,8 @@ class BatchWorker:
                    "queue_s": round((job.started_at or job.created_at) - job.created_at, 4)}
         if self._settle(f"completing {job.id}", lambda: self.store.complete(job.id, timings)):
             self.metrics.jobs_total.labels("completed").inc()
-        elif not self._stop.is_set():  # deleted while running
+            logger.info("completed %s", job.id)
+        elif not self._stop.is_set() and self.store.get(job.id) is None:  # deleted while running
             self.store.delete_files(job.id)
 
     # -- storage retries -------------------------------------------------------------------------

@@ -191,30 +191,29 @@ def serve(port: int, host: str, **overrides) -> None:
 def generate(prompt, output, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
              seed, fps, image, **overrides) -> None:
     """Generate one video locally (no server) and write it to OUTPUT."""
+    from tqdm import tqdm
+
     from media.video import encode_mp4, write_atomic
 
-    from .engine import DiffusersEngine
     from .images import attach_reference
+    from .parallel import engine_for
     from .runtime import limits_of
     from .schemas import GenerateRequest, InputError, resolve
 
     settings = build_settings(overrides)
     check_checkpoint_options(overrides["model"], overrides["lora"], overrides["transformer"])
-    engine = DiffusersEngine.from_settings(settings)
-    limits = limits_of(settings, engine)
-    try:
-        spec = resolve(GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                                       num_frames=num_frames, num_inference_steps=num_inference_steps,
-                                       guidance_scale=guidance_scale, seed=seed, fps=fps),
-                       engine.model.defaults, limits)
-        spec = attach_reference(spec, engine.model.family, image.read_bytes() if image else None, "image",
-                                settings.storage_dir)
-    except InputError as exc:
-        raise click.BadParameter(exc.message, param_hint=f"--{exc.param.replace('_', '-')}") from None
-    from tqdm import tqdm
-
-    with tqdm(total=spec.num_inference_steps, desc="denoising", unit="step") as bar:
-        result = engine.generate([spec], on_step=lambda done, total: bar.update(done - bar.n))
+    with engine_for(settings) as engine:
+        try:
+            spec = resolve(GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                                           num_frames=num_frames, num_inference_steps=num_inference_steps,
+                                           guidance_scale=guidance_scale, seed=seed, fps=fps),
+                           engine.model.defaults, limits_of(settings, engine))
+            spec = attach_reference(spec, engine.model.family, image.read_bytes() if image else None, "image",
+                                    settings.storage_dir)
+        except InputError as exc:
+            raise click.BadParameter(exc.message, param_hint=f"--{exc.param.replace('_', '-')}") from None
+        with tqdm(total=spec.num_inference_steps, desc="denoising", unit="step") as bar:
+            result = engine.generate([spec], on_step=lambda done, total: bar.update(done - bar.n))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, encode_mp4(result.videos[0], spec.fps))
     click.echo(json.dumps({"output": str(output), "seed": spec.seed, "frames": spec.num_frames,
@@ -234,13 +233,13 @@ def info(url: str | None, **overrides) -> None:
         return
     import tempfile
 
-    from .engine import DiffusersEngine
+    from .parallel import engine_for
     from .runtime import Runtime
 
     check_checkpoint_options(overrides["model"], overrides["lora"], overrides["transformer"])
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, engine_for(settings) as engine:
         settings = settings.model_copy(update={"storage_dir": Path(tmp)})
-        rt = Runtime.start(settings, engine=DiffusersEngine.from_settings(settings))
+        rt = Runtime.start(settings, engine=engine)
         click.echo(json.dumps(rt.info(), indent=2, default=str))
         rt.stop()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -71,6 +72,10 @@ class Settings(BaseSettings):
     """CPU offload: ``model`` (whole components) or ``sequential`` (layer by layer, least memory)."""
     vae_tiling: bool = False
     """Decode the VAE in tiles to bound memory at large sizes."""
+    context_parallel: int = Field(1, ge=1)
+    """GPUs that share each request: above 1, the serving process spawns that many ranks on this machine and
+    diffusers' context parallelism (Ulysses/ring attention) splits every video's tokens between them. Needs that
+    many visible GPUs and no ``offload`` (on CPU: gloo ranks, for tests)."""
     preset: Preset = "exact"
     """Speed preset: ``exact`` keeps the math (kernel choice, text-embedding cache, bf16 VAE decode);
     ``fast`` adds lossy levers (fewer UniPC steps, first-block step cache, CFG truncation); ``distilled`` runs the
@@ -110,9 +115,27 @@ class Settings(BaseSettings):
     """Finished jobs and their files are deleted this long after completion."""
     max_attempts: int = Field(2, ge=1)
     """Times a job is started before an interruption (crash) marks it failed."""
+    storage_url: str | None = None
+    """fsspec URL of the store of finished videos and request images, shared by every replica (``s3://bucket/prefix``,
+    ``gs://...``); unset: ``storage_dir``. Credentials and endpoint come from the usual environment
+    (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3``, ...) or fsspec's ``FSSPEC_S3_*`` variables."""
+    storage_redirect: bool = False
+    """Answer a video download from ``storage_url`` with a redirect to a presigned URL (valid 5 minutes) instead of
+    streaming it through the replica."""
+    database_url: SecretStr | None = None
+    """PostgreSQL URL of a job store shared by several replicas (``postgresql://user:pass@host:5432/db``); unset: the
+    embedded SQLite database in ``storage_dir`` (one replica). Its schema is migrated (Alembic) at start."""
+    lease_s: float = Field(30.0, ge=1)
+    """PostgreSQL job store: how long a replica's claim on a running batch lasts without a heartbeat (renewed every
+    third of it). A replica that dies loses its jobs to the others this long after its last heartbeat."""
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This replica's name in job leases and logs (default: host name and process id)."""
     storage_retry_s: float = Field(30.0, ge=0)
     """How long a finished video keeps being retried while the storage dir cannot take it (a full disk) before its
     job fails with ``storage_error``. Job-state writes to the database are retried for as long as it takes."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the service's own log lines (engine calls, completed jobs, lease take-overs) on the server's
+    output."""
     redact_prompts: bool = False
     """Log a hash and length instead of the prompt text of each queued job."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -122,6 +145,11 @@ class Settings(BaseSettings):
     ``Authorization: Bearer <key>``, BentoML's ``/metrics``, ``/docs.json`` and ``/schema.json`` included, and jobs
     are scoped to the key. Unset: all callers are one anonymous tenant (the ``Authorization`` header is ignored):
     every job is visible to every caller and ``MICROVERSE_MAX_ACTIVE_PER_KEY`` caps them all together."""
+
+    @property
+    def reference_store(self) -> str:
+        """Where request images are stored: ``storage_url`` (every replica reads it) or ``storage_dir``."""
+        return self.storage_url or str(self.storage_dir)
 
     @field_validator("lora", "cors_origins", mode="before")
     @classmethod

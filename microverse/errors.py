@@ -16,6 +16,7 @@ from evaluation.judge import JudgeConfigError, JudgeError
 from evaluation.judge_api import JudgeInputError
 
 from .jobs import DatabaseUnusable, is_corruption
+from .pgjobs import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DatabaseUnusable)
     async def _database_unusable(request: Request, exc: DatabaseUnusable) -> JSONResponse:
         return error_response(503, str(exc), None, "storage_unavailable")
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_unreachable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        logger.error("job database unreachable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "the job database cannot be reached; retry later", None, "storage_unavailable",
+                              {"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(sqlite3.Error)
     async def _database_failed(request: Request, exc: sqlite3.Error) -> JSONResponse:

@@ -110,10 +110,20 @@ def fit(image, width: int, height: int):
 
 
 def store_reference(image, storage_dir: str | Path) -> str:
-    """Save the fitted ``image`` as ``<storage_dir>/inputs/<sha256>.png`` (content-addressed); returns the path."""
+    """Save the fitted ``image`` as ``<storage_dir>/inputs/<sha256>.png`` (content-addressed); returns the path.
+    ``storage_dir`` may be an fsspec URL (``s3://bucket/prefix``, the replicas' shared store): the returned URL is
+    then readable by whichever replica runs the job."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()
+    if "://" in str(storage_dir):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(storage_dir), use_listings_cache=False)
+        key = f"{root.rstrip('/')}/inputs/{hashlib.sha256(data).hexdigest()}.png"
+        if not fs.exists(key):
+            fs.pipe_file(key, data)
+        return fs.unstrip_protocol(key)
     folder = Path(storage_dir) / "inputs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
@@ -125,10 +135,11 @@ def store_reference(image, storage_dir: str | Path) -> str:
 
 
 def open_reference(path: str):
-    """The stored reference at ``path`` as an RGB ``PIL.Image``."""
+    """The stored reference at ``path`` (a file or fsspec URL) as an RGB ``PIL.Image``."""
+    import fsspec
     from PIL import Image
 
-    with Image.open(path) as image:
+    with fsspec.open(path, "rb") as f, Image.open(f) as image:
         return image.convert("RGB")
 
 

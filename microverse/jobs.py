@@ -7,6 +7,7 @@ attempts), so no job is ever lost.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -15,8 +16,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from media.video import write_atomic
 
 from .schemas import GenerationSpec
 
@@ -154,20 +158,75 @@ class Job:
     timings: dict
 
 
-class JobStore:
-    """Thread-safe job table and the per-job file layout under ``root``. Opening it checks the database
-    (:func:`open_database`)."""
+def job_from_row(row) -> Job:
+    """A :class:`Job` from a database row (a mapping of :data:`COLUMNS`); ``ValueError`` or ``TypeError`` when its
+    stored spec or timings cannot be read."""
+    spec = GenerationSpec(**json.loads(row["spec"]))
+    timings = json.loads(row["timings"]) if row["timings"] else {}
+    return Job(
+        id=row["id"], kind=row["kind"], status=row["status"], progress=row["progress"], spec=spec,
+        model=row["model"], owner=row["owner"], attempts=row["attempts"], created_at=row["created_at"],
+        started_at=row["started_at"], completed_at=row["completed_at"], expires_at=row["expires_at"],
+        error_code=row["error_code"], error_message=row["error_message"], timings=timings,
+    )  # fmt: skip
 
-    def __init__(self, root: Path, retention_s: float, max_attempts: int = 2):
+
+class JobFiles:
+    """Where a job's files live: ``<root>/videos/<job id>.mp4`` and ``.webp`` on local disk (one replica, or a volume
+    every replica mounts), or the same names under ``videos/`` of an fsspec URL (``s3://bucket/prefix``: a store
+    every replica shares; credentials and endpoint from the usual environment, e.g. ``AWS_ENDPOINT_URL_S3``, or
+    fsspec's ``FSSPEC_S3_*`` variables)."""
+
+    def __init__(self, root: Path, url: str | None = None):
         self.root = Path(root)
         self.videos_dir = self.root / "videos"
         self.videos_dir.mkdir(parents=True, exist_ok=True)
-        self.retention_s = retention_s
-        self.max_attempts = max_attempts
-        self._lock = threading.RLock()
-        self._db = open_database(self.root)
+        self.url = url
+        self._fs, self._prefix = None, ""
+        if url:
+            import fsspec
 
-    # -- files -------------------------------------------------------------------------------
+            self._fs, self._prefix = fsspec.core.url_to_fs(url, use_listings_cache=False)  # other replicas write
+            self._prefix = self._prefix.rstrip("/")
+
+    @property
+    def remote(self) -> bool:
+        """Whether the files are in an fsspec store (not a local folder)."""
+        return self._fs is not None
+
+    def _key(self, job_id: str, suffix: str) -> str:
+        if not JOB_ID_RE.match(job_id) or suffix not in (".mp4", ".webp"):
+            raise ValueError(f"invalid job file {job_id!r}{suffix!r}")
+        return f"{self._prefix}/videos/{job_id}{suffix}"
+
+    def write_file(self, job_id: str, suffix: str, data: bytes) -> None:
+        """Store a finished job's ``.mp4`` or ``.webp`` (whole or not at all: a temporary file renamed into place, or
+        one object PUT)."""
+        if self.remote:
+            self._fs.pipe_file(self._key(job_id, suffix), data)
+        else:
+            write_atomic(self.video_path(job_id).with_suffix(suffix), data)
+
+    def has_file(self, job_id: str, suffix: str) -> bool:
+        if self.remote:
+            return self._fs.exists(self._key(job_id, suffix))
+        return self.video_path(job_id).with_suffix(suffix).is_file()
+
+    def read_file(self, job_id: str, suffix: str) -> bytes:
+        if self.remote:
+            return self._fs.cat_file(self._key(job_id, suffix))
+        return self.video_path(job_id).with_suffix(suffix).read_bytes()
+
+    def stream_file(self, job_id: str, suffix: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The file in chunks (a download streams from the store without holding the whole video)."""
+        with self._fs.open(self._key(job_id, suffix), "rb") as f:
+            while data := f.read(chunk):
+                yield data
+
+    def signed_url(self, job_id: str, suffix: str, expires_s: int = 300) -> str:
+        """A presigned URL of the file (object stores that sign, e.g. S3); ``NotImplementedError`` otherwise."""
+        return self._fs.sign(self._key(job_id, suffix), expiration=expires_s)
+
     def video_path(self, job_id: str) -> Path:
         """Where a job's mp4 lives (ids are validated, never free text)."""
         if not JOB_ID_RE.match(job_id):
@@ -179,15 +238,32 @@ class JobStore:
 
     def delete_files(self, job_id: str) -> None:
         """Remove a job's video, thumbnail and any partial file."""
+        if self.remote:
+            for suffix in (".mp4", ".webp"):
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(self._key(job_id, suffix))
+            return
         for p in (self.video_path(job_id), self.thumb_path(job_id)):
             p.unlink(missing_ok=True)
             p.with_suffix(p.suffix + ".part").unlink(missing_ok=True)
 
+
+class JobStore(JobFiles):
+    """Thread-safe job table (embedded SQLite, one replica) and the per-job file layout under ``root``. Opening it
+    checks the database (:func:`open_database`). :class:`microverse.pgjobs.PostgresJobStore` has the same
+    interface for several replicas."""
+
+    def __init__(self, root: Path, retention_s: float, max_attempts: int = 2, storage_url: str | None = None):
+        super().__init__(root, storage_url)
+        self.retention_s = retention_s
+        self.max_attempts = max_attempts
+        self._lock = threading.RLock()
+        self._db = open_database(self.root)
+
     # -- rows --------------------------------------------------------------------------------
     def _row_to_job(self, row: sqlite3.Row) -> Job | None:
         try:
-            spec = GenerationSpec(**json.loads(row["spec"]))
-            timings = json.loads(row["timings"]) if row["timings"] else {}
+            return job_from_row(row)
         except (TypeError, ValueError) as exc:
             logger.error("job %s has a corrupted record (%s); marking it failed", row["id"], exc)
             self._execute(
@@ -196,12 +272,6 @@ class JobStore:
                 (f"the stored job record could not be read: {exc}", time.time(), row["id"]),
             )
             return None
-        return Job(
-            id=row["id"], kind=row["kind"], status=row["status"], progress=row["progress"], spec=spec,
-            model=row["model"], owner=row["owner"], attempts=row["attempts"], created_at=row["created_at"],
-            started_at=row["started_at"], completed_at=row["completed_at"], expires_at=row["expires_at"],
-            error_code=row["error_code"], error_message=row["error_message"], timings=timings,
-        )
 
     def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -354,6 +424,19 @@ class JobStore:
             self._execute("DELETE FROM jobs WHERE id=?", (job_id,))
             self.delete_files(job_id)
         return len(ids)
+
+    def heartbeat(self, ids: list[str]) -> set[str]:
+        """Of ``ids`` (this replica's running jobs), those still in progress; a deleted one is to be cancelled.
+        (One replica holds no leases: nothing else can take its jobs.)"""
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self._execute(f"SELECT id FROM jobs WHERE status='in_progress' AND id IN ({marks})", tuple(ids))
+        return {r[0] for r in rows.fetchall()}
+
+    def reclaim_expired(self) -> dict[str, int]:
+        """Jobs of replicas whose leases lapsed: none with one replica (its restart recovers them)."""
+        return {"requeued": 0, "failed": 0}
 
     def close(self) -> None:
         with self._lock:

@@ -16,9 +16,10 @@ from evaluation.judge_api import JudgeService
 
 from .batching import BatchWorker
 from .config import Settings
-from .engine import DiffusersEngine, VideoEngine
+from .engine import VideoEngine
 from .jobs import RECOVERY_COMMAND, DatabaseUnusable, JobStore
 from .metrics import ServiceMetrics
+from .parallel import build_engine
 from .schemas import Limits
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,19 @@ def limits_of(settings: Settings, engine: VideoEngine | None = None) -> Limits:
         adapters = tuple(engine.model.adapters)
     return Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames, max_steps=settings.max_steps,
                   max_side=max_side, adapters=adapters)
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The job store the settings ask for: PostgreSQL shared by the replicas (``database_url``), else the embedded
+    SQLite database in ``storage_dir``. :class:`DatabaseUnusable` when it cannot be used."""
+    retention_s = settings.job_retention_hours * 3600
+    if settings.database_url is None:
+        return JobStore(settings.storage_dir, retention_s, settings.max_attempts, settings.storage_url)
+    from .pgjobs import PostgresJobStore
+
+    return PostgresJobStore(settings.database_url.get_secret_value(), settings.storage_dir, retention_s,
+                            settings.max_attempts, settings.lease_s, settings.replica_id,
+                            settings.storage_url)  # fmt: skip
 
 
 def _make_judge(settings: Settings) -> JudgeService | None:
@@ -86,13 +100,13 @@ class Runtime:
         """
         rt = cls(settings=settings, metrics=ServiceMetrics())
         try:
-            rt.jobs = JobStore(settings.storage_dir, settings.job_retention_hours * 3600, settings.max_attempts)
+            rt.jobs = open_store(settings)
         except DatabaseUnusable as exc:
             rt.store_error = exc.reason
             logger.error("%s (storage dir %s); the service is up but not ready", exc, settings.storage_dir)
         if engine is None:
             try:
-                engine = DiffusersEngine.from_settings(settings)
+                engine = build_engine(settings)
             except Exception as exc:
                 rt.load_error = f"{type(exc).__name__}: {exc}"
                 logger.error("model failed to load; the service is up but not ready: %s", rt.load_error)
@@ -102,7 +116,7 @@ class Runtime:
             rt.jobs.recover()
         if engine is not None and rt.jobs is not None:
             rt.worker = BatchWorker(rt.jobs, engine, rt.metrics, settings.max_batch_size,
-                                    settings.max_batch_wait_ms / 1000, settings.storage_retry_s)
+                                    settings.max_batch_wait_ms / 1000, settings.storage_retry_s, settings.lease_s / 3)
             rt.worker.start()
             rt.worker.notify()
         return rt
@@ -177,8 +191,11 @@ class Runtime:
         return out
 
     def stop(self) -> None:
-        """Stop the worker (re-queueing its batch) and close the job store."""
+        """Stop the worker (re-queueing its batch), close the engine if it has a ``close`` (the context-parallel
+        one stops its ranks) and close the job store."""
         if self.worker is not None:
             self.worker.stop()
+        if (close := getattr(self.engine, "close", None)) is not None:
+            close()
         if self.jobs is not None:
             self.jobs.close()

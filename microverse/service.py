@@ -21,6 +21,12 @@ with bentoml.importing():
 logger = logging.getLogger(__name__)
 app = create_app()
 settings = Settings()
+if not logging.getLogger("microverse").handlers:  # BentoML configures its own loggers only
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    logging.getLogger("microverse").addHandler(_handler)
+    logging.getLogger("microverse").setLevel(settings.log_level)
+    logging.getLogger("microverse").propagate = False
 
 
 @bentoml.asgi_app(app, path="/")
@@ -28,7 +34,8 @@ settings = Settings()
     name="microverse",
     workers=1,
     traffic={"timeout": 3600, "max_concurrency": 256},
-    resources={"gpu": 1} if settings.device == "cuda" else {"cpu": "2"},
+    # BentoML shows a worker only the GPUs it declares (CUDA_VISIBLE_DEVICES): one per context-parallel rank
+    resources={"gpu": settings.context_parallel} if settings.device == "cuda" else {"cpu": "2"},
     http={"cors": {"enabled": bool(settings.cors_origins), "access_control_allow_origins": settings.cors_origins,
                    "access_control_allow_methods": ["GET", "POST", "DELETE"],
                    "access_control_allow_headers": ["Authorization", "Content-Type"]}},

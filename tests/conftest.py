@@ -28,6 +28,75 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-wan"))
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL (Debian's server programs) for the session; stopped at the end."""
+    from tests.servers import Postgres
+
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """moto's S3-protocol server for the session, with one bucket; stopped at the end."""
+    from tests.servers import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def storage_url(moto_s3, monkeypatch, request) -> str:
+    """An ``s3://`` video store on the moto server (its own prefix per test), with the client environment set."""
+    for key, value in moto_s3.env.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{moto_s3.bucket}/{request.node.name[:40]}-{time.time_ns()}"
+
+
+@pytest.fixture
+def database_url(postgres_server) -> str:
+    """The URL of an emptied PostgreSQL database (each test starts from no tables)."""
+    postgres_server.reset()
+    return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_job_store(request, tmp_path):
+    """Factory opening the job store of either backend on ``tmp_path`` (PostgreSQL: the same database each call, as
+    the same replica, so a second call is that replica restarted); closes them all at the end."""
+    from microverse.jobs import JobStore
+
+    url = request.getfixturevalue("database_url") if request.param == "postgres" else None
+    stores = []
+
+    def open_store(retention_s: float = 60, max_attempts: int = 2, **pg):
+        if url is None:
+            store = JobStore(tmp_path, retention_s=retention_s, max_attempts=max_attempts)
+        else:
+            from microverse.pgjobs import PostgresJobStore
+
+            pg = {"replica_id": "replica-a", **pg}
+            store = PostgresJobStore(url, tmp_path, retention_s, max_attempts, **pg)
+        stores.append(store)
+        return store
+
+    open_store.backend = request.param
+    yield open_store
+    for store in stores:
+        store.close()
+
+
+def raw_sql(store, sql: str, params: tuple = ()):
+    """Run SQL written with ``?`` placeholders on either store's database (tests that corrupt rows); returns the rows
+    (mappings by column name)."""
+    if hasattr(store, "_execute"):
+        return store._execute(sql, params).fetchall()
+    return store._all(sql.replace("?", "%s"), params)
+
+
 @pytest.fixture
 def make_settings(tmp_path, tiny_model_dir):
     """Settings for an isolated runtime on the tiny checkpoint (overrides as keyword arguments)."""

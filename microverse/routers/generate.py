@@ -32,11 +32,11 @@ async def generate(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) -> R
         image = reference_bytes(upload, req.image, "image")
         spec = resolve(req, rt.engine.model.defaults_for(req.lora), rt.limits)
         spec = await run_in_threadpool(attach_reference, spec, rt.engine.model.family, image, "image",
-                                       rt.settings.storage_dir)
+                                       rt.settings.reference_store)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     done = await wait_for_video(rt, submit(rt, spec, "sync", owner))
-    return Response(rt.store.video_path(done.id).read_bytes(), media_type="video/mp4",
+    return Response(await run_in_threadpool(rt.store.read_file, done.id, ".mp4"), media_type="video/mp4",
                     headers=video_headers(spec, done))
 
 

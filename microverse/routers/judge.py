@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from evaluation.judge_api import JudgeRequest, JudgeResponse, JudgeService
+from media.video import write_atomic
 
 from ..deps import BodyRules, OwnerDep, RuntimeDep, owns, read_body
 from ..errors import APIError, json_body_spec
@@ -48,5 +49,14 @@ def finished_video(rt: Runtime, owner: str | None, job_id: str) -> Path | None:
     job = rt.store.get(job_id)
     if job is None or job.status != "completed" or not owns(owner, job):
         return None
-    path = rt.store.video_path(job.id)
-    return path if path.is_file() else None
+    store = rt.store
+    if not store.remote:
+        path = store.video_path(job.id)
+        return path if path.is_file() else None
+    if not store.has_file(job.id, ".mp4"):
+        return None
+    local = rt.settings.storage_dir / "judge-cache" / f"{job.id}.mp4"  # the judge reads frames from a file
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(local, store.read_file(job.id, ".mp4"))
+    return local

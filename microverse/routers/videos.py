@@ -6,8 +6,8 @@ import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..deps import EngineRuntimeDep, OwnerDep, RuntimeDep, image_body_rules, read_body
 from ..errors import APIError, json_body_spec
@@ -53,7 +53,7 @@ async def create_video(request: Request, rt: EngineRuntimeDep, owner: OwnerDep) 
         spec = resolve(req, model.defaults_for(req.lora), rt.limits)
         image = reference_bytes(upload, body.reference_data_url(), "input_reference")
         spec = await run_in_threadpool(attach_reference, spec, model.family, image, "input_reference",
-                                       rt.settings.storage_dir)
+                                       rt.settings.reference_store)
     except InputError as exc:
         raise APIError(400, exc.message, exc.param, "invalid_value") from exc
     return to_video_object(submit(rt, spec, "api", owner))
@@ -101,14 +101,22 @@ async def delete_video(video_id: str, rt: RuntimeDep, owner: OwnerDep) -> dict[s
 
 @router.get("/videos/{video_id}/content")
 async def download_content(video_id: str, rt: RuntimeDep, owner: OwnerDep,
-                           variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> FileResponse:
+                           variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> Response:
     job = job_or_404(rt, video_id, owner)
     if job.status != "completed":
         raise APIError(409, f"video {job.id} is {job.status}; content is available once it is completed",
                        "video_id", "video_not_ready")
     if variant == "spritesheet":
         raise APIError(400, "variant=spritesheet is not supported; use video or thumbnail", "variant", "unsupported")
-    path = rt.store.video_path(job.id) if variant == "video" else rt.store.thumb_path(job.id)
-    if not path.is_file():
+    suffix, media_type = (".mp4", "video/mp4") if variant == "video" else (".webp", "image/webp")
+    store = rt.store
+    if not await run_in_threadpool(store.has_file, job.id, suffix):
         raise APIError(404, f"the files of video {job.id} are gone (expired or deleted)", "video_id", "not_found")
-    return FileResponse(path, media_type="video/mp4" if variant == "video" else "image/webp", filename=path.name)
+    if not store.remote:
+        return FileResponse(store.video_path(job.id).with_suffix(suffix), media_type=media_type,
+                            filename=f"{job.id}{suffix}")  # fmt: skip
+    if rt.settings.storage_redirect:
+        return RedirectResponse(await run_in_threadpool(store.signed_url, job.id, suffix), status_code=307)
+    disposition = {"Content-Disposition": f'attachment; filename="{job.id}{suffix}"'}
+    return StreamingResponse(iterate_in_threadpool(store.stream_file(job.id, suffix)), media_type=media_type,
+                             headers=disposition)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Alembic migrations of the PostgreSQL job store (``microverse.pgjobs``)."""
