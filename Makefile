@@ -44,6 +44,8 @@ clean:
 
 # Load test: capacity, then 2x capacity for LOAD_TEST_DURATION s against a service it starts; report in load_tests/reports/.
 LOAD_TEST_DURATION ?= 300
+# REPLICAS=2 starts two replicas on one PostgreSQL job store; REPLICAS=1,2 runs both and reports the throughput ratio.
+REPLICAS ?= 1
 .PHONY: load-test
 load-test: $(STAMP)
-	$(PY) -m load_tests.run --start-service --duration $(LOAD_TEST_DURATION) --out load_tests/reports/$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m load_tests.run --start-service --duration $(LOAD_TEST_DURATION) --replicas $(REPLICAS) --out load_tests/reports/$$(date +%Y%m%d-%H%M%S)

@@ -10,6 +10,8 @@ JOBS_FILE_ENV = "LOAD_TEST_JOBS_FILE"
 """File the scenarios append every created ``/v1/videos`` job id to, one per line."""
 API_KEY_ENV = "LOAD_TEST_API_KEY"
 """Sent as ``Authorization: Bearer`` when set."""
+HOSTS_ENV = "LOAD_TEST_HOSTS"
+"""Comma-separated replica URLs: each user talks to one, in turn (what a round-robin load balancer does)."""
 
 PROMPTS = (
     "a paramecium swims through pond water, microscope view",

@@ -15,6 +15,7 @@ runs on its own:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from locust.exception import StopUser
 
 from load_tests.common import (
     API_KEY_ENV,
+    HOSTS_ENV,
     JOBS_FILE_ENV,
     PACING_ENV,
     job_request,
@@ -36,6 +38,8 @@ PACING_S = float(os.environ.get(PACING_ENV, "1.0"))
 POLL_S = 0.5
 JOB_TIMEOUT_S = 600.0
 JOB_NAME = "create -> completed"
+USER_NUMBERS = itertools.count()
+"""Users in start order, dealt to the replicas of ``LOAD_TEST_HOSTS`` round-robin."""
 
 
 def error_code(resp) -> str:
@@ -75,6 +79,9 @@ class MicroVerseUser(HttpUser):
         key = os.environ.get(API_KEY_ENV)
         if key:
             self.client.headers["Authorization"] = f"Bearer {key}"
+        if hosts := os.environ.get(HOSTS_ENV):
+            urls = hosts.split(",")
+            self.client.base_url = urls[next(USER_NUMBERS) % len(urls)]
 
     def record_job(self, job_id: str) -> None:
         path = os.environ.get(JOBS_FILE_ENV)

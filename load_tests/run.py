@@ -32,12 +32,12 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
 
-from load_tests.common import API_KEY_ENV, JOBS_FILE_ENV, PACING_ENV, video_request
+from load_tests.common import API_KEY_ENV, HOSTS_ENV, JOBS_FILE_ENV, PACING_ENV, video_request
 from microverse.tools.service_process import free_port, spawn_service, stop_service, wait_ready
 
 logger = logging.getLogger("load_tests.run")
@@ -65,6 +65,7 @@ class Config:
     drain_timeout: int = 180
     judge: bool = True
     api_key: str | None = None
+    replicas: tuple[int, ...] = (1,)
 
 
 @dataclass
@@ -96,10 +97,21 @@ def headers(api_key: str | None) -> dict[str, str]:
 
 
 @contextmanager
-def service(cfg: Config, storage: Path):
-    """``bentoml serve service:MicroVerse`` on a free loopback port (and the fake judge); yields its URL."""
+def service(cfg: Config, storage: Path, replicas: int = 1):
+    """``replicas`` x ``bentoml serve service:MicroVerse`` on free loopback ports (and the fake judge); yields their
+    URLs. Several replicas share a throwaway PostgreSQL job store (``MICROVERSE_DATABASE_URL``) and the storage
+    folder (a volume they all mount), so the queue limit is global, and split the machine's cores."""
     with ExitStack() as stack:
         env = {**os.environ, "MICROVERSE_STORAGE_DIR": str(storage), "MICROVERSE_MAX_QUEUE": str(cfg.max_queue)}
+        if replicas > 1:
+            from microverse.tools.servers import Postgres
+
+            # One machine: the replicas split its cores (each torch would otherwise use them all).
+            threads = str(max(1, (os.cpu_count() or 1) // replicas))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            postgres = Postgres().start()
+            stack.callback(postgres.stop)
+            env["MICROVERSE_DATABASE_URL"] = postgres.url
         if cfg.judge:
             from evaluation.fake_judge import FakeJudgeServer
 
@@ -108,28 +120,30 @@ def service(cfg: Config, storage: Path):
                        MICROVERSE_JUDGE_API_KEY="load-test")
             if not env.get("MICROVERSE_BENCHMARK") and SHARED_BENCHMARK.is_dir():
                 env["MICROVERSE_BENCHMARK"] = str(SHARED_BENCHMARK)
-        port, log = free_port(), cfg.out / "service.log"
-        url = f"http://127.0.0.1:{port}"
-        proc = spawn_service(env, port, log)
-        try:
+        urls = []
+        for i in range(replicas):
+            port, log = free_port(), cfg.out / ("service.log" if replicas == 1 else f"service-{i}.log")
+            proc = spawn_service({**env, "MICROVERSE_REPLICA_ID": f"replica-{i}"}, port, log)
+            stack.callback(stop_service, proc)
             wait_ready(proc, port, log)
-            logger.info("service ready at %s (max_queue=%d)", url, cfg.max_queue)
-            yield url
-        finally:
-            stop_service(proc)
+            urls.append(f"http://127.0.0.1:{port}")
+        logger.info("service ready at %s (max_queue=%d)", ", ".join(urls), cfg.max_queue)
+        yield urls
 
 
-def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None) -> Capacity:
-    """Closed loop: ``clients`` threads each send ``POST /generate`` back to back for ``seconds``."""
-    with httpx.Client(base_url=url, headers=headers(api_key), timeout=600) as warm:
-        warm.post("/generate", json=video_request()).raise_for_status()
+def measure_capacity(urls: list[str], clients: int, seconds: float, api_key: str | None) -> Capacity:
+    """Closed loop: ``clients`` threads (dealt to the replicas ``urls`` in turn) each send ``POST /generate`` back to
+    back for ``seconds``."""
+    for url in urls:
+        with httpx.Client(base_url=url, headers=headers(api_key), timeout=600) as warm:
+            warm.post("/generate", json=video_request()).raise_for_status()
     done: list[tuple[float, float]] = []
     errors: list[str] = []
     lock = threading.Lock()
     start = time.monotonic()
     deadline = start + seconds
 
-    def loop() -> None:
+    def loop(url: str) -> None:
         with httpx.Client(base_url=url, headers=headers(api_key), timeout=600) as client:
             while time.monotonic() < deadline:
                 t0 = time.monotonic()
@@ -143,7 +157,7 @@ def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None
                         return
                     done.append((t0, time.monotonic()))
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=loop, args=(urls[i % len(urls)],), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -156,10 +170,12 @@ def measure_capacity(url: str, clients: int, seconds: float, api_key: str | None
                     mean_latency_s=round(sum(e - s for s, e in done) / len(done), 3))
 
 
-def run_locust(cfg: Config, url: str, users: int, spawn_rate: float, pacing_s: float, classes: list[str],
+def run_locust(cfg: Config, urls: list[str], users: int, spawn_rate: float, pacing_s: float, classes: list[str],
                jobs_file: Path) -> int:
-    """Locust headless for ``cfg.duration`` seconds; HTML and CSVs under ``cfg.out``; returns its exit code."""
-    env = {**os.environ, PACING_ENV: f"{pacing_s:.3f}", JOBS_FILE_ENV: str(jobs_file),
+    """Locust headless for ``cfg.duration`` seconds, its users dealt to the replicas ``urls`` in turn; HTML and CSVs
+    under ``cfg.out``; returns its exit code."""
+    url = urls[0]
+    env = {**os.environ, PACING_ENV: f"{pacing_s:.3f}", JOBS_FILE_ENV: str(jobs_file), HOSTS_ENV: ",".join(urls),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if cfg.api_key:
         env[API_KEY_ENV] = cfg.api_key
@@ -218,7 +234,7 @@ def ms(value: str) -> float | None:
     return None if value in ("", "N/A") else round(float(value), 1)
 
 
-def summarize(cfg: Config, url: str, capacity: Capacity, users: int, pacing_s: float, classes: list[str],
+def summarize(cfg: Config, urls: list[str], capacity: Capacity, users: int, pacing_s: float, classes: list[str],
               locust_rc: int, jobs: JobCheck) -> dict:
     """Fold Locust's CSVs, the capacity run and the job check into one summary dict."""
     stats = read_csv(cfg.out / "locust_stats.csv")
@@ -239,7 +255,8 @@ def summarize(cfg: Config, url: str, capacity: Capacity, users: int, pacing_s: f
     unexpected_5xx = sum(e["count"] for e in errors if e["error"].startswith("HTTP 5"))
     total_failures = sum(e["count"] for e in errors)
     return {
-        "target": url,
+        "target": ", ".join(urls),
+        "replicas": len(urls),
         "started_service": cfg.start_service,
         "max_queue": cfg.max_queue if cfg.start_service else None,
         "capacity": asdict(capacity),
@@ -262,7 +279,8 @@ def summarize(cfg: Config, url: str, capacity: Capacity, users: int, pacing_s: f
 def render_markdown(s: dict) -> str:
     """``summary.md``: the numbers a reader needs, as tables."""
     cap, load, bp, jobs = s["capacity"], s["load"], s["backpressure"], s["jobs"]
-    started = f" (started by the runner, max_queue={s['max_queue']})" if s["started_service"] else ""
+    started = (f" (started by the runner: {s['replicas']} replica(s), max_queue={s['max_queue']})"
+               if s["started_service"] else "")
     lines = [
         f"# Load test summary: {'PASSED' if s['passed'] else 'FAILED'}",
         "",
@@ -296,12 +314,12 @@ def render_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def execute(cfg: Config, url: str) -> dict:
-    """Capacity, load, job check and summary against a ready service at ``url``."""
-    info = httpx.get(url + "/info", headers=headers(cfg.api_key), timeout=30).json()
+def execute(cfg: Config, urls: list[str]) -> dict:
+    """Capacity, load, job check and summary against the ready replicas at ``urls`` (one service: one URL)."""
+    info = httpx.get(urls[0] + "/info", headers=headers(cfg.api_key), timeout=30).json()
     batching = info["batching"]
-    clients = max(1, min(batching["max_queue"], 2 * batching["max_batch_size"]))
-    capacity = measure_capacity(url, clients, cfg.capacity_duration, cfg.api_key)
+    clients = max(1, min(batching["max_queue"], 2 * batching["max_batch_size"] * len(urls)))
+    capacity = measure_capacity(urls, clients, cfg.capacity_duration, cfg.api_key)
     logger.info("capacity: %s", capacity)
     rate = cfg.load_factor * capacity.videos_per_s
     # Enough users that each one's pacing outlasts a request's wait behind a full queue, so the offered
@@ -313,10 +331,10 @@ def execute(cfg: Config, url: str) -> dict:
     classes = ["GenerateUser", "VideoJobUser"] + (["JudgeMixUser"] if info.get("judge") else [])
     jobs_file = cfg.out / "jobs.txt"
     jobs_file.write_text("")
-    rc = run_locust(cfg, url, users, spawn_rate, pacing_s, classes, jobs_file)
+    rc = run_locust(cfg, urls, users, spawn_rate, pacing_s, classes, jobs_file)
     job_ids = [line for line in jobs_file.read_text().split() if line]
-    jobs = check_jobs(url, job_ids, cfg.drain_timeout, cfg.api_key)
-    summary = summarize(cfg, url, capacity, users, pacing_s, classes, rc, jobs)
+    jobs = check_jobs(urls[-1], job_ids, cfg.drain_timeout, cfg.api_key)  # any replica answers for every job
+    summary = summarize(cfg, urls, capacity, users, pacing_s, classes, rc, jobs)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (cfg.out / "summary.md").write_text(render_markdown(summary))
     return summary
@@ -325,7 +343,8 @@ def execute(cfg: Config, url: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m load_tests.run", description=__doc__.split("\n\n")[0])
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--host", help="base URL of a running service, e.g. http://127.0.0.1:3000")
+    target.add_argument("--host", help="base URL of a running service, e.g. http://127.0.0.1:3000 (replicas of one: "
+                                       "comma-separated URLs)")
     target.add_argument("--start-service", action="store_true", help="start one on a free loopback port")
     p.add_argument("--users", type=int, help="Locust users (default: enough to hold the offered rate)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: users / 10)")
@@ -337,11 +356,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--no-judge", dest="judge", action="store_false", help="start the service without a judge")
     p.add_argument("--api-key", default=os.environ.get("MICROVERSE_API_KEY"), help="Bearer key for the target")
     p.add_argument("--out", type=Path, default=None, help="report folder (default load_tests/reports/<time>)")
+    p.add_argument("--replicas", default="1", help="replicas to start (one PostgreSQL job store for several); a "
+                                                    "list (1,2) runs each and reports the throughput ratio")
     a = p.parse_args(argv)
     out = a.out or REPO_ROOT / "load_tests" / "reports" / time.strftime("%Y%m%d-%H%M%S")
     return Config(out=out, host=a.host, start_service=a.start_service, users=a.users, spawn_rate=a.spawn_rate,
                   duration=a.duration, capacity_duration=a.capacity_duration, load_factor=a.load_factor,
-                  max_queue=a.max_queue, drain_timeout=a.drain_timeout, judge=a.judge, api_key=a.api_key)
+                  max_queue=a.max_queue, drain_timeout=a.drain_timeout, judge=a.judge, api_key=a.api_key,
+                  replicas=tuple(int(n) for n in a.replicas.split(",")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,14 +371,39 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = parse_args(argv)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    if cfg.start_service:
-        with tempfile.TemporaryDirectory(prefix="microverse-load-") as storage, service(cfg, Path(storage)) as url:
-            summary = execute(cfg, url)
+    if not cfg.start_service:
+        summaries = [execute(cfg, [h.rstrip("/") for h in cfg.host.split(",")])]
     else:
-        summary = execute(cfg, cfg.host.rstrip("/"))
-    print((cfg.out / "summary.md").read_text())
+        summaries = [run_started(cfg, n) for n in cfg.replicas]
+    if len(summaries) > 1:
+        (cfg.out / "scaling.md").write_text(render_scaling(summaries))
+        print((cfg.out / "scaling.md").read_text())
+    else:
+        print((cfg.out / "summary.md").read_text())
     print(f"report: {cfg.out}")
-    return 0 if summary["passed"] else 1
+    return 0 if all(s["passed"] for s in summaries) else 1
+
+
+def run_started(cfg: Config, replicas: int) -> dict:
+    """Start ``replicas`` replicas and run the load test on them (in ``cfg.out/replicas-N`` when comparing)."""
+    one = replace(cfg, out=cfg.out / f"replicas-{replicas}") if len(cfg.replicas) > 1 else cfg
+    one.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="microverse-load-") as storage, \
+            service(one, Path(storage), replicas) as urls:  # fmt: skip
+        return execute(one, urls)
+
+
+def render_scaling(summaries: list[dict]) -> str:
+    """``scaling.md``: throughput and lost jobs at each replica count, and the ratio to the first."""
+    base = summaries[0]
+    lines = ["# Throughput by replica count", "",
+             "| replicas | capacity videos/s | throughput under load videos/s | vs first | completed | lost | passed |",
+             "|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for s in summaries:
+        ratio = s["throughput_videos_per_s"] / max(base["throughput_videos_per_s"], 1e-9)
+        lines.append(f"| {s['replicas']} | {s['capacity']['videos_per_s']} | {s['throughput_videos_per_s']} | "
+                     f"{ratio:.2f}x | {s['videos_completed']} | {s['jobs']['lost']} | {s['passed']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def postgres_server():
     """One real PostgreSQL (Debian's server programs) for the session; stopped at the end."""
-    from tests.servers import Postgres
+    from microverse.tools.servers import Postgres
 
     server = Postgres().start()
     yield server
@@ -41,7 +41,7 @@ def postgres_server():
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory):
     """moto's S3-protocol server for the session, with one bucket; stopped at the end."""
-    from tests.servers import MotoS3
+    from microverse.tools.servers import MotoS3
 
     server = MotoS3(tmp_path_factory.mktemp("moto")).start()
     yield server

@@ -1,5 +1,6 @@
 """Faults and backpressure: disk full, model load failure, out of memory, graceful shutdown,
-a full queue, per-key limits, timeouts and the API key."""
+a full queue, per-key limits, timeouts and the API key; each on both job stores (embedded SQLite, and PostgreSQL,
+which several replicas share)."""
 
 import errno
 import time
@@ -9,25 +10,31 @@ import pytest
 
 from tests.conftest import wait_status
 
+
+@pytest.fixture(params=["sqlite", "postgres"], autouse=True)
+def job_backend(request, monkeypatch) -> str:
+    """Every runtime and server of the test uses this job store (PostgreSQL through the environment)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("MICROVERSE_DATABASE_URL", request.getfixturevalue("database_url"))
+    return request.param
+
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
 V1_SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}
 
 
 def test_disk_full_fails_the_job_with_a_reason_and_the_service_stays_up(runtime_with, monkeypatch):
-    import microverse.batching as batching
+    client, rt, _ = runtime_with(storage_retry_s=0.5)  # a disk that stays full: the job fails after the retries
+    real_write = rt.store.write_file
 
-    client, _rt, _ = runtime_with(storage_retry_s=0.5)  # a disk that stays full: the job fails after the retries
-    real_write = batching.write_atomic
+    def full(job_id, suffix, data):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{job_id}{suffix}")
 
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(batching, "write_atomic", full)
+    monkeypatch.setattr(rt.store, "write_file", full)
     vid = client.post("/v1/videos", json={"prompt": "a cell", **V1_SMALL}).json()["id"]
     v = wait_status(client, vid, ("failed", "completed"))
     assert v["status"] == "failed" and v["error"]["code"] == "storage_error"
     assert "No space left on device" in v["error"]["message"]
-    monkeypatch.setattr(batching, "write_atomic", real_write)
+    monkeypatch.setattr(rt.store, "write_file", real_write)
     ok = client.post("/generate", json={"prompt": "a cell", **SMALL})
     assert ok.status_code == 200 and ok.headers["content-type"] == "video/mp4"
 
@@ -58,7 +65,9 @@ def test_graceful_shutdown_requeues_the_running_job(runtime_with, make_settings)
     t0 = time.time()
     rt.stop()
     assert time.time() - t0 < 5
-    job = rt.store.__class__(rt.settings.storage_dir, 60).get(vid)
+    from microverse.runtime import open_store
+
+    job = open_store(rt.settings).get(vid)  # the store as the next start opens it
     assert job.status == "queued" and job.attempts == 0
 
     client2, _, _ = runtime_with()

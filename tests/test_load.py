@@ -1,4 +1,5 @@
-"""A short, bounded run of the load-test runner against a service it starts (the 5-minute run is ``make load-test``)."""
+"""A short, bounded run of the load-test runner against services it starts, one replica then two on one PostgreSQL job
+store (the 5-minute run is ``make load-test``, ``REPLICAS=1,2`` for both)."""
 
 import json
 import os
@@ -12,14 +13,23 @@ from tests.conftest import REPO_ROOT
 
 @pytest.mark.slow
 def test_load_runner_short(tmp_path, bench_dir):
-    out = tmp_path / "report"
+    root = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "load_tests.run", "--start-service", "--duration", "20", "--capacity-duration", "6",
-         "--max-queue", "4", "--drain-timeout", "90", "--out", str(out)],
+         "--max-queue", "4", "--drain-timeout", "90", "--replicas", "1,2", "--out", str(root)],
         cwd=REPO_ROOT, env={**os.environ, "MICROVERSE_BENCHMARK": str(bench_dir)}, capture_output=True, text=True,
-        timeout=420, check=False,
+        timeout=840, check=False,
     )
+    scaling = (root / "scaling.md").read_text()
+    assert "| 1 |" in scaling and "| 2 |" in scaling and "1.00x" in scaling
+    for replicas in (1, 2):
+        _check_report(root / f"replicas-{replicas}", replicas)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _check_report(out, replicas: int) -> None:
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["replicas"] == replicas and summary["target"].count("http://") == replicas
     assert summary["unexpected_5xx"] == 0, summary["errors_by_type"]
     assert summary["failures"] == 0, summary["errors_by_type"]
     assert summary["jobs"]["created"] > 0 and summary["jobs"]["lost"] == 0, summary["jobs"]
@@ -34,4 +44,3 @@ def test_load_runner_short(tmp_path, bench_dir):
     for name in ("summary.md", "report.html", "locust_stats.csv", "locust_failures.csv"):
         assert (out / name).stat().st_size > 0, name
     assert "lost 0" in (out / "summary.md").read_text()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -69,7 +69,7 @@ def test_yaml_files_go_through_the_same_validation(tmp_path):
         load_config(str(bad))
     typo = tmp_path / "typo.yaml"
     typo.write_text("data:\n  bucket: [[5, 16, 16]]\n")
-    with pytest.raises(ConfigError, match=r"data\.bucket; did you mean data\.buckets\?"):
+    with pytest.raises(ConfigError, match=r"data\.bucket; did you mean data\.buckets\b"):
         load_config(str(typo))
     based = tmp_path / "based.yaml"
     based.write_text("base: lora-13b\n")

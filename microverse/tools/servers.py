@@ -1,6 +1,6 @@
-"""Real servers the scale-out tests run against, started and stopped by the tests: PostgreSQL from Debian's package
-(``initdb`` + ``pg_ctl`` in a temporary folder, as the ``postgres`` user when the tests run as root, which
-PostgreSQL refuses to run as) and moto's S3-protocol server."""
+"""Throwaway servers for the scale-out tests and the multi-replica load test: PostgreSQL from Debian's package
+(``initdb`` + ``pg_ctl`` in a temporary folder, as the ``postgres`` user when run as root, which PostgreSQL refuses
+to run as) and moto's S3-protocol server. Whoever starts one stops it."""
 
 from __future__ import annotations
 
