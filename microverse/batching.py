@@ -24,6 +24,8 @@ from .metrics import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 60.0
+WAITER_POLL_S = 0.5
+"""How often the status of jobs waited on here but run by another replica is checked."""
 STORAGE_ERRORS = (OSError, sqlite3.Error)
 """What a failing storage dir or job database raises (a full disk, a busy or unreadable database)."""
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 5.0
@@ -139,22 +141,40 @@ class BatchWorker:
             self._wake.clear()
 
     def _beat(self) -> None:
-        """Renew the leases of the running batch and re-queue the jobs of lapsed leases (a dead replica's), also while
-        this replica is busy. A job whose lease is gone (deleted on any replica, or taken over after a lapse) is
-        cancelled here, and the batch stops at its next step once all of its jobs are."""
-        while not self._stop.wait(self.heartbeat_s):
-            ids = list(self._running)
+        """Every ``WAITER_POLL_S``: wake the waiters of jobs another replica finished; every ``heartbeat_s``: renew the
+        leases of the running batch and re-queue the jobs of lapsed leases (a dead replica's), also while this
+        replica is busy."""
+        last = 0.0
+        while not self._stop.wait(min(WAITER_POLL_S, self.heartbeat_s)):
             try:
-                held = self.store.heartbeat(ids)
-                if sum(self.store.reclaim_expired().values()):
-                    self._wake.set()
+                self._resolve_finished_elsewhere()
+                if time.monotonic() - last >= self.heartbeat_s:
+                    last = time.monotonic()
+                    self._renew_leases()
             except STORAGE_ERRORS as exc:
-                logger.warning("lease heartbeat of %s failed (retried in %g s): %s", ids, self.heartbeat_s, exc)
-                continue
-            for job_id in set(ids) - held:
-                if job_id in self._running and job_id not in self._cancelled:
-                    logger.warning("%s was deleted or taken over by another replica; stopping it", job_id)
-                    self._cancelled.add(job_id)
+                logger.warning("lease heartbeat failed (retried in %g s): %s", self.heartbeat_s, exc)
+
+    def _renew_leases(self) -> None:
+        """A job whose lease is gone (deleted on any replica, or taken over after a lapse) is cancelled here; the
+        batch stops at its next step once all of its jobs are."""
+        ids = list(self._running)
+        held = self.store.heartbeat(ids)
+        if sum(self.store.reclaim_expired().values()):
+            self._wake.set()
+        for job_id in set(ids) - held:
+            if job_id in self._running and job_id not in self._cancelled:
+                logger.warning("%s was deleted or taken over by another replica; stopping it", job_id)
+                self._cancelled.add(job_id)
+
+    def _resolve_finished_elsewhere(self) -> None:
+        """Waiters (``POST /generate``) of jobs this replica is not running: resolved once the job is finished or gone,
+        wherever it ran (with several replicas, any of them may take it)."""
+        with self._waiters_lock:
+            waited = [i for i in self._waiters if i not in self._running]
+        for job_id in waited:
+            job = self.store.get(job_id)
+            if job is None or job.status in ("completed", "failed"):
+                self._resolve(job_id)
 
     def _sweep(self) -> None:
         if time.time() - self._last_sweep > EXPIRY_SWEEP_S:
@@ -227,6 +247,7 @@ class BatchWorker:
             self._finish(ids)
             return
         elapsed = time.perf_counter() - t0
+        logger.info("engine finished %s in %.2f s", ids, elapsed)
         self.mean_call_s = elapsed if self.mean_call_s is None else 0.8 * self.mean_call_s + 0.2 * elapsed
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))

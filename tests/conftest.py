@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from microverse.tools.service_process import free_port, kill_service, spawn_service, stop_service, wait_ready
@@ -254,3 +255,14 @@ def wait_in_progress(client, video_id: str, timeout: float = 120.0):
             return v
         time.sleep(0.02)
     raise AssertionError(f"video {video_id} never got under way: {v.status}")
+
+
+def wait_completed(url: str, job_id: str, timeout: float = 600) -> dict:
+    """Poll ``GET {url}/v1/videos/{job_id}`` over HTTP until the job is completed or failed; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        video = httpx.get(f"{url}/v1/videos/{job_id}", timeout=10).json()
+        if video["status"] in ("completed", "failed"):
+            return video
+        time.sleep(0.2)
+    raise AssertionError(f"the job did not finish in {timeout:.0f} s: {video}")

@@ -2,8 +2,8 @@
 
 Twelve jobs are created round-robin and each is polled and downloaded through the *other* replica; both replicas run
 batches. Then one replica is killed with SIGKILL while it holds a batch: every job still ends completed, none is
-lost, none is generated to completion twice (the replicas' logs name each job they complete), and the takeover time
-(from the kill to the survivor's claim of the dead replica's jobs) is printed. The replicas run with
+lost, none is generated to completion twice (the replicas' logs name the jobs of each finished engine run), and the
+takeover time (from the kill to the survivor's claim of the dead replica's jobs) is printed. The replicas run with
 ``MICROVERSE_LEASE_S=3`` (default 30).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_completed
 
 LEASE_S = 3.0
 JOB = {"prompt": "cells dividing", "size": "64x64", "seconds": "1", "num_inference_steps": 40}
@@ -29,23 +29,15 @@ def _create(url: str) -> str:
     return r.json()["id"]
 
 
-def _wait(url: str, vid: str, timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = httpx.get(f"{url}/v1/videos/{vid}", timeout=30).json()
-        if v["status"] in ("completed", "failed"):
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"{vid} did not finish: {v}")
-
-
 def _batches(url: str) -> float:
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
     return float(re.search(r"^microverse_batch_size_count (\S+)$", metrics, re.M).group(1))
 
 
-def _completions(*logs: Path) -> Counter:
-    return Counter(m for log in logs for m in re.findall(r"completed (video_[0-9a-f]{32})", log.read_text()))
+def _finished_runs(*logs: Path) -> Counter:
+    """Engine runs that finished generating, per job id, from the replicas' logs (``engine finished [ids]``)."""
+    lines = [line for log in logs for line in re.findall(r"engine finished \[(.*?)\]", log.read_text())]
+    return Counter(m for line in lines for m in re.findall(r"video_[0-9a-f]{32}", line))
 
 
 def _leased_by(database_url: str, replica: str) -> list[str]:
@@ -71,7 +63,7 @@ def test_two_replicas_share_the_queue_and_survive_a_kill(tmp_path, tiny_model_di
         ids = [_create(urls[i % 2]) for i in range(12)]
         for i, vid in enumerate(ids):
             other = urls[(i + 1) % 2]
-            assert _wait(other, vid)["status"] == "completed"
+            assert wait_completed(other, vid)["status"] == "completed"
             video = httpx.get(f"{other}/v1/videos/{vid}/content", timeout=60)
             assert video.status_code == 200 and video.content[4:8] == b"ftyp"
         batches = {name: _batches(s.url) for name, s in replicas.items()}
@@ -85,7 +77,7 @@ def test_two_replicas_share_the_queue_and_survive_a_kill(tmp_path, tiny_model_di
         assert held, "r1 never held a batch"
         replicas["r1"].kill9()
         killed_at = time.time()
-        results = {vid: _wait(r2, vid) for vid in more}
+        results = {vid: wait_completed(r2, vid) for vid in more}
         with psycopg.connect(database_url, autocommit=True) as conn:
             taken = conn.execute("SELECT id, started_at, completed_at, attempts FROM jobs WHERE id = ANY(%s)",
                                  (held,)).fetchall()  # fmt: skip
@@ -95,8 +87,8 @@ def test_two_replicas_share_the_queue_and_survive_a_kill(tmp_path, tiny_model_di
 
     every = ids + more
     lost = [vid for vid in more if results[vid]["status"] != "completed"]
-    completions = _completions(*(tmp_path / f"{n}.log" for n in replicas))
-    twice = [vid for vid in every if completions[vid] > 1]
+    runs = _finished_runs(*(tmp_path / f"{n}.log" for n in replicas))
+    twice = [vid for vid in every if runs[vid] > 1]
     takeover = min(started for _, started, _, _ in taken) - killed_at
     finished = max(done for _, _, done, _ in taken) - killed_at
     with capsys.disabled():
@@ -104,7 +96,7 @@ def test_two_replicas_share_the_queue_and_survive_a_kill(tmp_path, tiny_model_di
               f"twice {len(twice)}; r2 claimed r1's jobs {takeover:.1f} s after the kill (lease {LEASE_S:g} s) and "
               f"finished them {finished:.1f} s after it; batches before the kill {batches}")
     assert not lost and not twice
-    assert all(completions[vid] == 1 for vid in every)  # every job generated to completion exactly once
+    assert all(runs[vid] == 1 for vid in every)  # every job generated to completion exactly once
     assert all(attempts == 2 for _, _, _, attempts in taken)  # r1's jobs were re-run once, by r2
     # The lease lapses, the survivor's heartbeat re-queues the jobs within a beat, and its worker claims them once
     # its own running batch is done.

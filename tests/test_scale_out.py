@@ -151,3 +151,21 @@ def test_videos_live_in_the_shared_object_store(runtime_with, database_url, stor
     assert not list((rt_a.settings.storage_dir / "videos").glob("video_*"))
     assert b.delete(f"/v1/videos/{vid}").status_code == 200
     assert not fs.exists(key) and not fs.exists(key.replace(".mp4", ".webp"))
+
+
+def test_a_synchronous_generate_answers_when_another_replica_ran_the_job(runtime_with, database_url):
+    """``POST /generate`` on a busy replica: the idle one runs the job, and the busy one answers with the video as soon
+    as it is done (it watches the jobs it waits on, wherever they run)."""
+    common = {"database_url": database_url, "max_batch_size": 1}
+    a, rt_a, _ = runtime_with({"step_s": 0.5}, replica_id="a", **common)
+    long_job = _job(a)  # 8 steps of 0.5 s: replica a is busy for about 4 s
+    wait_status(a, long_job, ("in_progress",), timeout=30)
+    runtime_with(None, replica_id="b", **common)
+    t0 = time.time()
+    r = a.post("/generate", json={"prompt": "cells dividing", "height": 32, "width": 32, "num_frames": 5,
+                                  "num_inference_steps": 2})  # fmt: skip
+    elapsed = time.time() - t0
+    assert r.status_code == 200 and r.content[4:8] == b"ftyp", r.text[:300]
+    ran_on = rt_a.store._all("SELECT status FROM jobs WHERE id=%s", (r.headers["X-Job-Id"],))
+    assert ran_on[0]["status"] == "completed"
+    assert a.get(f"/v1/videos/{long_job}").json()["status"] == "in_progress" and elapsed < 4, elapsed

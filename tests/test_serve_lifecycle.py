@@ -35,6 +35,7 @@ from microverse.tools.service_process import (
     stop_service,
     wait_ready,
 )
+from tests.conftest import wait_completed
 
 GRACE_S = 30.0
 """How long a stop may take, from the signal until the port is free and no process of the server is left."""
@@ -138,16 +139,6 @@ def wait_stopped(server: CliServer, t0: float) -> float:
     alive = [p.pid for p in still_running(server.tree)]
     raise AssertionError(f"{GRACE_S:.0f} s after the signal: pids {alive} still run, "
                          f"port {'free' if port_is_free(server.port) else 'in use'}")
-
-
-def wait_completed(url: str, job_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        video = httpx.get(f"{url}/v1/videos/{job_id}", timeout=10).json()
-        if video["status"] in ("completed", "failed"):
-            return video
-        time.sleep(0.2)
-    raise AssertionError(f"the job did not finish in {timeout:.0f} s: {video}")
 
 
 def assert_restart_completes(serve_cli, server: CliServer, storage: Path, job_id: str) -> None:

@@ -1,5 +1,6 @@
 """The real service (``bentoml serve``) driven as users drive it: the official ``openai`` client,
-``/generate``, ``/metrics``, concurrency and batching, and a kill -9 in the middle of a job."""
+``/generate``, ``/metrics``, concurrency and batching, and a kill -9 in the middle of a job; each on both job stores
+(the embedded SQLite database, and PostgreSQL, which several replicas share)."""
 
 import re
 import threading
@@ -12,9 +13,25 @@ import openai
 import pytest
 
 from media.video import read_video
-from tests.conftest import wait_in_progress
+from tests.conftest import Server, wait_in_progress
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def microverse_server(request, tmp_path_factory, tiny_model_dir):
+    """A real service on the tiny checkpoint for the module, on each job store in turn; yields its base URL."""
+    tmp = tmp_path_factory.mktemp(f"server-{request.param}")
+    env = {"MICROVERSE_CACHE_DIR": str(tmp / "cache"), "MICROVERSE_STORAGE_DIR": str(tmp / "storage"),
+           "MICROVERSE_MODEL": str(tiny_model_dir), "MICROVERSE_MAX_BATCH_WAIT_MS": "300"}  # fmt: skip
+    if request.param == "postgres":
+        postgres = request.getfixturevalue("postgres_server")
+        postgres.reset()
+        env["MICROVERSE_DATABASE_URL"] = postgres.url
+    server = Server(env, tmp / "server.log")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def client_for(url: str) -> openai.OpenAI:
@@ -118,8 +135,12 @@ def test_four_concurrent_requests_are_batched_and_match_unbatched(microverse_ser
         assert np.abs(a - b).mean() < 0.05, np.abs(a - b).mean()
 
 
-def test_kill_9_during_a_job_then_restart_completes_it(start_server):
-    server = start_server()
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_kill_9_during_a_job_then_restart_completes_it(start_server, backend, request):
+    env = {}
+    if backend == "postgres":  # the restarted replica keeps its name: it takes its job back without waiting a lease
+        env = {"MICROVERSE_DATABASE_URL": request.getfixturevalue("database_url"), "MICROVERSE_REPLICA_ID": "replica-a"}
+    server = start_server(**env)
     client = client_for(server.url)
     video = client.videos.create(prompt="apoptosis", size="128x128",
                                  extra_body={"num_frames": 33, "num_inference_steps": 100, "seed": 3})

@@ -75,15 +75,20 @@ def lora_diffusers_to_upstream(
     (``blocks.0.self_attn.q.lora_A.default.weight``). Upstream uses alpha = rank, so a different
     alpha is folded into ``lora_B``."""
     out = {}
+    for module, ab, value in _original_lora_modules(state_dict):
+        if ab == "lora_B" and alpha != rank:
+            value = value * (alpha / rank)
+        out[f"{module}.{ab}.default.weight"] = value.contiguous()
+    return out
+
+
+def _original_lora_modules(state_dict: dict[str, torch.Tensor]):
+    """``(original Wan module name, "lora_A" or "lora_B", tensor)`` for each weight of a diffusers LoRA."""
     for key, value in state_dict.items():
         m = _LORA_SUFFIX.match(key.removeprefix("transformer."))
         if m is None:
             raise ValueError(f"not a LoRA weight: {key}")
-        module = diffusers_key_to_original(m["module"] + ".weight").removesuffix(".weight")
-        if m["ab"] == "lora_B" and alpha != rank:
-            value = value * (alpha / rank)
-        out[f"{module}.{m['ab']}.default.weight"] = value.contiguous()
-    return out
+        yield diffusers_key_to_original(m["module"] + ".weight").removesuffix(".weight"), m["ab"], value
 
 
 def lora_diffusers_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -91,13 +96,9 @@ def lora_diffusers_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -
     musubi-tuner layout ComfyUI loads for Wan (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``lora_up``,
     and the ``.alpha`` each module is scaled by, over its rank); diffusers reads it back as well."""
     out = {}
-    for key, value in state_dict.items():
-        m = _LORA_SUFFIX.match(key.removeprefix("transformer."))
-        if m is None:
-            raise ValueError(f"not a LoRA weight: {key}")
-        module = diffusers_key_to_original(m["module"] + ".weight").removesuffix(".weight")
+    for module, ab, value in _original_lora_modules(state_dict):
         name = "lora_unet_" + module.replace(".", "_")
-        out[f"{name}.{'lora_down' if m['ab'] == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
+        out[f"{name}.{'lora_down' if ab == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=value.dtype)
     return out
 
