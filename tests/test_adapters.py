@@ -36,7 +36,7 @@ def frames_of(response) -> np.ndarray:
 
 
 def test_concurrent_requests_for_different_adapters_equal_servers_holding_only_that_adapter(
-        make_client, adapter_files):
+        make_client, adapter_files, tmp_path):
     client = make_client(loras=adapter_files, max_batch_wait_ms=300)
     results = {}
 
@@ -53,7 +53,9 @@ def test_concurrent_requests_for_different_adapters_equal_servers_holding_only_t
     assert info["model"]["adapters"] == {k: Path(v).name for k, v in adapter_files.items()}  # no local paths shown
     assert info["adapter_switches"]["count"] >= 2 and info["adapter_switches"]["mean_ms"] >= 0
     for adapter in PROMPTS:
-        alone = make_client(lora=[adapter_files[adapter]] if adapter else [])
+        # Its own job store: runtimes on one store share its queue (as replicas do), so its worker could take the
+        # other client's jobs.
+        alone = make_client(lora=[adapter_files[adapter]] if adapter else [], storage_dir=tmp_path / f"alone-{adapter}")
         want = frames_of(alone.post("/generate", json={"prompt": PROMPTS[adapter], **SMALL}))
         got = frames_of(results[adapter])
         assert np.abs(got - want).max() <= 1, (adapter, np.abs(got - want).max())
